@@ -1,0 +1,68 @@
+"""gradwatch: watch, detect and clip PyTorch gradients without host syncs.
+
+Example:
+    >>> import torch, gradwatch as gw
+    >>> model = torch.nn.Linear(4, 2)
+    >>> watch = gw.GradWatch(model, clipper=gw.ClipByGlobalNorm(5.0), detectors=[gw.NonFinite()])
+    >>> model(torch.randn(3, 4)).sum().backward(); watch.step()
+    >>> watch.history.names
+    ['weight', 'bias']
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from gradwatch.clip import (
+    AGC,
+    AutoClip,
+    Chain,
+    ClipByGlobalNorm,
+    ClipByNorm,
+    ClipByValue,
+    ClipContext,
+    Clipper,
+    ClipResult,
+    ZClip,
+)
+from gradwatch.detect import (
+    Detector,
+    Event,
+    GradientAnomalyError,
+    GradientWarning,
+    NonFinite,
+    Spike,
+    Threshold,
+    Vanishing,
+)
+from gradwatch.history import History
+from gradwatch.syncs import count_host_syncs
+from gradwatch.watch import GradWatch
+
+try:
+    __version__ = version("gradwatch")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "Chain",
+    "ClipByGlobalNorm",
+    "ClipByNorm",
+    "ClipByValue",
+    "ClipContext",
+    "ClipResult",
+    "Clipper",
+    "Detector",
+    "Event",
+    "GradWatch",
+    "GradientAnomalyError",
+    "GradientWarning",
+    "History",
+    "NonFinite",
+    "Spike",
+    "Threshold",
+    "Vanishing",
+    "ZClip",
+    "__version__",
+    "count_host_syncs",
+]

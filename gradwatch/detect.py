@@ -1,0 +1,506 @@
+"""Detectors: on-device checks of every step's gradient norms, and what to do on a hit.
+
+A detector looks at the norms GradWatch measured, updates its state on the
+device and, at the next flush, turns what it saw into :class:`Event` objects.
+Its ``action`` decides what happens then:
+
+* ``"warn"`` -- a :class:`GradientWarning` per event (rate limited), at the flush;
+* ``"ignore"`` -- the event is only recorded (history and sinks);
+* a callable -- called with each :class:`Event`, at the flush;
+* ``"raise"`` -- :class:`GradientAnomalyError` from the optimizer step, before
+  the weights change (costs one host sync per step);
+* ``"skip"`` -- the optimizer step becomes a no-op: weights and optimizer state
+  stay bit-identical (sync-free on fused optimizers, else one host sync a step).
+
+Only ``"raise"`` and ``"skip"`` need the answer during the step; the others
+cost no host sync, which is why their reactions wait for the flush
+(``GradWatch(flush_every=1)`` reacts at once).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Detector",
+    "Event",
+    "GradientAnomalyError",
+    "GradientWarning",
+    "NonFinite",
+    "Spike",
+    "Threshold",
+    "Vanishing",
+]
+
+ACTIONS = ("warn", "raise", "skip", "ignore")
+Action = Union[str, Callable[["Event"], Any]]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One anomaly at one optimizer step.
+
+    Attributes:
+        step: the optimizer step index (0-based).
+        kind: ``"nonfinite"``, ``"amp_overflow"``, ``"threshold"``, ``"spike"``
+            or ``"vanishing"`` (custom detectors may add kinds).
+        name: the parameter, or None for the global norm.
+        value: the norm that triggered the event (NaN and Inf kept as they are).
+        threshold: the bound it crossed, or None where there is none.
+
+    Example:
+        >>> print(Event(12, "spike", "rnn.W", 4600.0, 120.0))
+        step 12: spike in rnn.W: norm 4600 (threshold 120)
+    """
+
+    step: int
+    kind: str
+    name: str | None
+    value: float
+    threshold: float | None = None
+
+    def __str__(self) -> str:
+        where = "the global norm" if self.name is None else self.name
+        thr = "" if self.threshold is None else f" (threshold {self.threshold:.4g})"
+        return f"step {self.step}: {self.kind} in {where}: norm {self.value:.4g}{thr}"
+
+
+class GradientAnomalyError(RuntimeError):
+    """Raised by a detector with ``action="raise"``; ``.event`` is what it saw.
+
+    Example:
+        >>> err = GradientAnomalyError(Event(3, "nonfinite", "fc.weight", math.nan))
+        >>> isinstance(err, RuntimeError), err.event.name
+        (True, 'fc.weight')
+    """
+
+    def __init__(self, event: Event) -> None:
+        super().__init__(str(event))
+        self.event = event
+
+
+class GradientWarning(UserWarning):
+    """The warning category of ``action="warn"`` (filter it with :mod:`warnings`)."""
+
+
+def check_action(action: Action) -> Action:
+    """Validate an action: one of :data:`ACTIONS` or a callable."""
+    if callable(action) or action in ACTIONS:
+        return action
+    raise ValueError(f"action must be one of {', '.join(map(repr, ACTIONS))} or a callable taking an Event, got {action!r}")
+
+
+def _positive(value: float, argname: str) -> float:
+    v = float(value)
+    if not v > 0 or math.isinf(v):
+        raise ValueError(f"{argname} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _resolve(patterns: Sequence[str], names: Sequence[str], argname: str) -> list[int]:
+    idx: set[int] = set()
+    for pat in patterns:
+        hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"{argname} entry {pat!r} matches no parameter; names are {list(names)[:8]}")
+        idx.update(hits)
+    return sorted(idx)
+
+
+@dataclass
+class Observation:
+    """What detectors see on the device at one observed step.
+
+    Attributes:
+        step: optimizer step index.
+        norms: ``[P]`` pre-clip L2 norms (0 where the gradient is missing).
+        total: 0-d global L2 norm.
+        missing: indices of parameters without a gradient this step.
+        count: how many steps the detectors have observed before this one.
+    """
+
+    step: int
+    norms: Tensor
+    total: Tensor
+    missing: list[int]
+    count: int
+
+
+@dataclass
+class Record:
+    """What detectors see on the host at a flush, for one recorded step.
+
+    Attributes:
+        step: optimizer step index.
+        norms: ``[P]`` pre-clip norms (numpy).
+        total: the global norm.
+        slots: the values this detector's :meth:`Detector.observe` returned.
+        missing: ``[P]`` bool, True where the gradient was None.
+        order: parameter indices in the order their gradients became ready.
+    """
+
+    step: int
+    norms: np.ndarray
+    total: float
+    slots: np.ndarray
+    missing: np.ndarray
+    order: Sequence[int]
+
+
+class Detector:
+    """Base class of the detectors.
+
+    Subclasses set :attr:`kind`, and implement :meth:`observe` (device, every
+    observed step) and :meth:`events` (host, at the flush).
+
+    Args:
+        action: ``"warn"``, ``"raise"``, ``"skip"``, ``"ignore"`` or a callable
+            taking the :class:`Event`.
+    """
+
+    kind = "anomaly"
+
+    def __init__(self, action: Action = "warn") -> None:
+        self.action = check_action(action)
+        self.names: list[str] = []
+
+    @property
+    def needs_flag(self) -> bool:
+        """Whether the step must know at once if this detector fired."""
+        return self.action in ("raise", "skip")
+
+    def bind(self, names: Sequence[str]) -> None:
+        """Called once with the watched parameter names."""
+        self.names = list(names)
+
+    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+        """Update state on the device.
+
+        Returns:
+            ``(slots, fired)``: a 1-D tensor of values to keep for :meth:`events`
+            (or None), and a 0-d bool tensor, True when the detector fired (only
+            needed when :attr:`needs_flag`; may be None otherwise).
+        """
+        return None, None
+
+    def events(self, rec: Record) -> list[Event]:
+        """The events of one recorded step."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Device state to checkpoint (empty for stateless detectors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def reset(self) -> None:
+        """Forget all state."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(action={self.action!r})"
+
+
+class NonFinite(Detector):
+    """Any NaN or Inf in any gradient.
+
+    Emits one event per offending parameter, in the order their gradients
+    became ready during backward, so the first event names the parameter where
+    the non-finite value entered the backward pass. With a ``GradScaler`` the
+    events are labelled ``"amp_overflow"`` and left to the scaler.
+
+    Example:
+        >>> NonFinite(action="skip")
+        NonFinite(action='skip')
+    """
+
+    kind = "nonfinite"
+
+    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+        if not self.needs_flag:
+            return None, None
+        return None, ~torch.isfinite(obs.total)
+
+    def events(self, rec: Record) -> list[Event]:
+        bad = ~np.isfinite(rec.norms)
+        if not bad.any():
+            if math.isfinite(rec.total):
+                return []
+            return [Event(rec.step, self.kind, None, rec.total, None)]
+        return [Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), None) for i in ready_first(rec.order, bad)]
+
+
+class Threshold(Detector):
+    """A norm above a fixed bound.
+
+    Args:
+        max_norm: the bound, > 0.
+        names: parameter names or glob patterns to check one by one; None checks
+            the global norm.
+        action: see :class:`Detector`.
+
+    Raises:
+        ValueError: ``max_norm`` not positive, or a name matching no parameter.
+
+    Example:
+        >>> Threshold(100.0, names=["rnn.*"])
+        Threshold(max_norm=100.0, names=['rnn.*'], action='warn')
+    """
+
+    kind = "threshold"
+
+    def __init__(self, max_norm: float, names: Sequence[str] | None = None, action: Action = "warn") -> None:
+        super().__init__(action)
+        self.max_norm = _positive(max_norm, "max_norm")
+        self.patterns = None if names is None else [names] if isinstance(names, str) else list(names)
+        self._idx: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"Threshold(max_norm={self.max_norm!r}, names={self.patterns!r}, action={self.action!r})"
+
+    def bind(self, names: Sequence[str]) -> None:
+        super().bind(names)
+        self._idx = [] if self.patterns is None else _resolve(self.patterns, names, "names")
+        self._idx_t: Tensor | None = None
+
+    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+        if not self.needs_flag:
+            return None, None
+        if self.patterns is None:
+            return None, obs.total > self.max_norm
+        if self._idx_t is None or self._idx_t.device != obs.norms.device:
+            self._idx_t = torch.tensor(self._idx, device=obs.norms.device)
+        return None, (obs.norms.index_select(0, self._idx_t) > self.max_norm).any()
+
+    def events(self, rec: Record) -> list[Event]:
+        if self.patterns is None:
+            if rec.total > self.max_norm:
+                return [Event(rec.step, self.kind, None, rec.total, self.max_norm)]
+            return []
+        return [
+            Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), self.max_norm)
+            for i in self._idx
+            if rec.norms[i] > self.max_norm
+        ]
+
+
+class Spike(Detector):
+    r"""A norm far above its running mean (EMA z-score).
+
+    The first ``warmup_steps`` observed steps estimate mean and variance; after
+    that each step fires when
+
+    .. math:: x > \mu + z_t(\sigma + \epsilon)
+
+    and updates the EMA (factor ``alpha``) with the value capped at that
+    threshold, so one spike does not inflate the statistics that judge the
+    next steps. Non-finite values are left out (that is :class:`NonFinite`'s job).
+
+    Args:
+        alpha: EMA factor in (0, 1).
+        z_thresh: z-score that counts as a spike, > 0.
+        warmup_steps: observed steps before the detector may fire, >= 1.
+        per_param: also watch each parameter's norm, not only the global one.
+        action: see :class:`Detector`.
+
+    Raises:
+        ValueError: an argument outside its range.
+
+    Example:
+        >>> Spike(z_thresh=6.0)
+        Spike(alpha=0.97, z_thresh=6.0, warmup_steps=25, per_param=False, action='warn')
+    """
+
+    kind = "spike"
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 6.0,
+        warmup_steps: int = 25,
+        per_param: bool = False,
+        action: Action = "warn",
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__(action)
+        if not 0 < float(alpha) < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
+        self.alpha = float(alpha)
+        self.z_thresh = _positive(z_thresh, "z_thresh")
+        self.warmup_steps = int(warmup_steps)
+        self.per_param = bool(per_param)
+        self.eps = float(eps)
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"Spike(alpha={self.alpha!r}, z_thresh={self.z_thresh!r}, warmup_steps={self.warmup_steps!r}, "
+            f"per_param={self.per_param!r}, action={self.action!r})"
+        )
+
+    def reset(self) -> None:
+        self._state: dict[str, Tensor] | None = None
+        self._count = 0
+
+    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+        x = obs.total.reshape(1)
+        if self.per_param:
+            x = torch.cat([x, obs.norms.to(x)])
+        x = x.to(torch.float64)
+        if self._state is None:
+            z = torch.zeros_like(x)
+            self._state = {"n": z.clone(), "mean": z.clone(), "var": z.clone()}
+        s = self._state
+        finite = torch.isfinite(x)
+        if self._count < self.warmup_steps:  # Welford over the warm-up steps
+            n = s["n"] + finite
+            delta = torch.where(finite, x - s["mean"], 0.0)
+            s["mean"] = s["mean"] + delta / n.clamp(min=1)
+            s["var"] = s["var"] + torch.where(finite, delta * (x - s["mean"]), 0.0)  # M2 for now
+            s["n"] = n
+            if self._count == self.warmup_steps - 1:
+                s["var"] = s["var"] / n.clamp(min=1)
+            thr = torch.full_like(x, math.inf)
+        else:
+            thr = s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps)
+            v = torch.where(finite, torch.minimum(x, thr), s["mean"])
+            mean = self.alpha * s["mean"] + (1 - self.alpha) * v
+            s["var"] = self.alpha * s["var"] + (1 - self.alpha) * (v - mean).square()
+            s["mean"] = mean
+        self._count += 1
+        fired = (x > thr).any() if self.needs_flag else None
+        return thr, fired
+
+    def events(self, rec: Record) -> list[Event]:
+        values = [rec.total] + (list(rec.norms) if self.per_param else [])
+        out = []
+        for k, (v, thr) in enumerate(zip(values, rec.slots)):
+            if v > thr:
+                out.append(Event(rec.step, self.kind, None if k == 0 else self.names[k - 1], float(v), float(thr)))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"count": self._count}
+        if self._state is not None:
+            st.update({k: v.clone() for k, v in self._state.items()})
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._count = int(state.get("count", 0))
+        if "mean" in state:
+            self._state = {k: state[k].clone() for k in ("n", "mean", "var")}
+
+
+class Vanishing(Detector):
+    """A parameter whose gradient norm stays below ``min_norm`` for ``patience`` steps.
+
+    Fires once per run of small norms, at the step the run reaches ``patience``
+    consecutive observed steps. Missing gradients neither count nor fire.
+
+    Args:
+        min_norm: the bound, > 0.
+        patience: consecutive steps below it, >= 1.
+        action: see :class:`Detector`.
+
+    Raises:
+        ValueError: ``min_norm`` not positive or ``patience`` < 1.
+
+    Example:
+        >>> Vanishing(min_norm=1e-2, patience=10)
+        Vanishing(min_norm=0.01, patience=10, action='warn')
+    """
+
+    kind = "vanishing"
+
+    def __init__(self, min_norm: float = 1e-6, patience: int = 10, action: Action = "warn") -> None:
+        super().__init__(action)
+        self.min_norm = _positive(min_norm, "min_norm")
+        if int(patience) != patience or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        self.patience = int(patience)
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"Vanishing(min_norm={self.min_norm!r}, patience={self.patience!r}, action={self.action!r})"
+
+    def reset(self) -> None:
+        self._run: Tensor | None = None
+
+    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+        if self._run is None:
+            self._run = torch.zeros(obs.norms.shape, device=obs.norms.device, dtype=obs.norms.dtype)
+        small = obs.norms < self.min_norm
+        if obs.missing:
+            small[obs.missing] = False
+        self._run = torch.where(small, self._run + 1, 0.0)
+        fired = (self._run == self.patience).any() if self.needs_flag else None
+        return self._run, fired
+
+    def events(self, rec: Record) -> list[Event]:
+        hits = np.flatnonzero(rec.slots == self.patience)
+        return [Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), self.min_norm) for i in hits]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._run is None else {"run": self._run.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._run = state["run"].clone() if "run" in state else None
+
+
+def ready_first(order: Sequence[int], bad: np.ndarray) -> list[int]:
+    """Indices where ``bad`` is True: in gradient-ready ``order`` first, then model order."""
+    out, seen = [], set()
+    for i in [*order, *range(len(bad))]:
+        if bad[i] and i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+class Warner:
+    """Rate-limited warnings: the first ``limit`` events of a (kind, name), then a summary."""
+
+    def __init__(self, limit: int = 5) -> None:
+        self.limit = limit
+        self.counts: dict[tuple[str, str | None], int] = {}
+        self.last: dict[tuple[str, str | None], int] = {}
+
+    def __call__(self, event: Event, prefix: str = "") -> None:
+        key = (event.kind, event.name)
+        n = self.counts.get(key, 0) + 1
+        self.counts[key] = n
+        self.last[key] = event.step
+        if n <= self.limit:
+            warnings.warn(f"gradwatch: {prefix}{event}", GradientWarning, stacklevel=4)
+        if n == self.limit:
+            warnings.warn(
+                f"gradwatch: {event.kind} events for {event.name or 'the global norm'} reached {n}; "
+                "further ones are counted and summarised at close()",
+                GradientWarning,
+                stacklevel=4,
+            )
+
+    def summary(self) -> None:
+        """Warn once for every (kind, name) whose events were suppressed."""
+        for key, n in self.counts.items():
+            if n > self.limit:
+                kind, name = key
+                warnings.warn(
+                    f"gradwatch: {n - self.limit} more {kind} events for {name or 'the global norm'} "
+                    f"were not shown (last at step {self.last[key]}); see History.events",
+                    GradientWarning,
+                    stacklevel=3,
+                )
+        self.counts.clear()

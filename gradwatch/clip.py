@@ -92,9 +92,16 @@ class ClipContext:
 
     @property
     def total(self) -> Tensor:
-        """0-d global L2 norm (computed exactly as ``torch.nn.utils.get_total_norm``)."""
+        """0-d global L2 norm.
+
+        From :attr:`norms` if they are known, else computed exactly as
+        ``torch.nn.utils.get_total_norm`` (one fused pass, same bits).
+        """
         if self._total is None:
-            self._total = total_norm(self.grads)
+            if self._norms is not None:
+                self._total = torch.linalg.vector_norm(self._norms)
+            else:
+                self._total = total_norm(self.grads)
         return self._total
 
     @property
@@ -287,15 +294,17 @@ class ClipByNorm(Clipper):
 
     def clip_(self, ctx: ClipContext) -> ClipResult:
         norms = ctx.norms
-        factors = self.clip_norm / norms.clamp(min=self.clip_norm)
+        total = ctx.total  # before the gradients change
+        c = torch.full_like(norms, self.clip_norm)
+        factors = c / torch.maximum(norms, c)  # a true division: exactly 1 below the bound
         for (device, _), (grads, positions) in ctx.groups.items():
             idx = torch.tensor(positions, device=factors.device)
             torch._foreach_mul_(grads, factors.index_select(0, idx).to(device).unbind())
         if not ctx.measured:
-            return ClipResult(None, None, None, None, ctx.total)
+            return ClipResult(None, None, None, None, total)
         after = norms * factors
         total_after = torch.linalg.vector_norm(after)
-        total = ctx.total.to(total_after)
+        total = total.to(total_after)
         thr = torch.full_like(total_after, self.clip_norm)
         return ClipResult(after, total_after, _ratio(total_after, total), thr, total)
 
@@ -668,6 +677,7 @@ class AGC(Clipper):
         if self._mask is None or len(self._mask) != len(ctx.params):
             self.bind(ctx.names, ctx.params)
         norms = ctx.norms
+        total = ctx.total  # before the gradients change
         after = list(norms.unbind()) if ctx.measured else []
         for i, (p, g) in enumerate(zip(ctx.params, ctx.grads)):
             if g is None or self._mask[i]:
@@ -685,10 +695,10 @@ class AGC(Clipper):
             if ctx.measured:
                 after[i] = torch.linalg.vector_norm(g_norm * factor).to(norms)
         if not ctx.measured:
-            return ClipResult(None, None, None, None, ctx.total)
+            return ClipResult(None, None, None, None, total)
         norms_after = torch.stack(after)
         total_after = torch.linalg.vector_norm(norms_after)
-        total = ctx.total.to(total_after)
+        total = total.to(total_after)
         thr = torch.full_like(total_after, math.nan)
         return ClipResult(norms_after, total_after, _ratio(total_after, total), thr, total)
 

@@ -1,0 +1,407 @@
+"""Clippers against their references: torch, PaddlePaddle's formula, numpy, the papers."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import mlp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradwatch as gw
+
+
+def params_with_grads(shapes, dtypes=None, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = dtypes or [torch.float32] * len(shapes)
+    ps = []
+    for shape, dt in zip(shapes, dtypes):
+        p = torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64).to(dt))
+        p.grad = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dt)
+        ps.append(p)
+    return ps
+
+
+def twin(ps):
+    """An independent copy of parameters and their gradients."""
+    out = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def grads_of(ps):
+    return [p.grad.clone() for p in ps]
+
+
+SHAPES = [(16, 8), (8,), (4, 3, 3, 3), ()]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_global_norm_is_bit_identical_to_torch(norm_type, max_norm):
+    a = params_with_grads(SHAPES, scale=3.0)
+    b = twin(a)
+    ours = gw.ClipByGlobalNorm(max_norm, norm_type)(a)
+    ref = torch.nn.utils.clip_grad_norm_(b, max_norm, norm_type, foreach=True)
+    assert torch.equal(ours, ref)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def test_global_norm_mixed_float32_float64_is_bit_identical():
+    dts = [torch.float32, torch.float64, torch.float32, torch.float64]
+    a = params_with_grads(SHAPES, dts, scale=3.0)
+    b = twin(a)
+    assert torch.equal(gw.ClipByGlobalNorm(1.0)(a), torch.nn.utils.clip_grad_norm_(b, 1.0))
+    for pa, pb in zip(a, b):
+        assert pa.grad.dtype == pb.grad.dtype and torch.equal(pa.grad, pb.grad)
+
+
+def test_global_norm_inside_watch_matches_torch_training_bit_for_bit():
+    a = mlp()
+    b = copy.deepcopy(a)
+    watch = gw.GradWatch(a, clipper=gw.ClipByGlobalNorm(0.3))
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    watch.attach(oa)
+    for _ in range(5):
+        x = torch.randn(4, 8)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            if m is b:
+                torch.nn.utils.clip_grad_norm_(b.parameters(), 0.3)
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    h = watch.history
+    assert (h.clip_coef < 1).all() and h.clip_fraction == 1.0
+    np.testing.assert_allclose(h.total_clipped, 0.3, rtol=1e-5)
+
+
+def test_clip_by_value_equals_torch():
+    a = params_with_grads(SHAPES, scale=2.0)
+    b = twin(a)
+    gw.ClipByValue(0.7)(a)
+    torch.nn.utils.clip_grad_value_(b, 0.7)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def test_clip_by_norm_equals_paddle_formula():
+    a = params_with_grads(SHAPES, scale=2.0)
+    before = grads_of(a)
+    total = gw.ClipByNorm(3.0)(a)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
+    for p, g in zip(a, before):
+        # paddle.nn.ClipGradByNorm: out = g * clip_norm / max(norm(g), clip_norm)
+        expected = g * 3.0 / torch.maximum(g.norm(), torch.tensor(3.0))
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0)
+        assert p.grad.norm() <= 3.0 * (1 + 1e-6)
+
+
+def agc_reference(p, g, clipping, eps):
+    """A plain per-unit loop, written from the paper's formula."""
+    out = g.clone()
+    units = [...] if p.ndim <= 1 else range(p.shape[0])
+    for u in units:
+        w_norm = max(p[u].norm().item(), eps)
+        g_norm = g[u].norm().item()
+        if g_norm / w_norm > clipping:
+            out[u] = g[u] * (clipping * w_norm / max(g_norm, 1e-6))
+    return out
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.5])
+def test_agc_equals_per_unit_loop(clipping):
+    ps = params_with_grads([(6, 3, 3, 3), (5, 4), (5,), ()], scale=0.3)
+    ps[1].data[2] = 0.0  # a dead unit: weight norm floored at eps
+    before = grads_of(ps)
+    named = [(f"p{i}", p) for i, p in enumerate(ps)]
+    gw.AGC(clipping=clipping, eps=1e-3)(named)
+    for p, g in zip(ps, before):
+        torch.testing.assert_close(p.grad, agc_reference(p.detach(), g, clipping, 1e-3), rtol=1e-5, atol=1e-7)
+
+
+def test_agc_exclude_by_name_and_pattern():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * 10
+    gw.AGC(exclude=["1.*"])(model)
+    assert (model[1].weight.grad == 10).all() and (model[1].bias.grad == 10).all()
+    assert (model[0].weight.grad < 10).all()
+    with pytest.raises(ValueError, match="exclude"):
+        gw.AGC(exclude=["head.weight"])(model)
+    with pytest.raises(ValueError, match="exclude"):
+        gw.GradWatch(model, clipper=gw.AGC(exclude=["nope"]))
+
+
+def run_autoclip(norms, percentile, window):
+    clip = gw.AutoClip(percentile, window)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    thresholds = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float64)
+        clip([p])
+        thresholds.append(clip.threshold().item())
+    return thresholds, p
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("percentile", [10.0, 50.0, 73.3, 100.0])
+def test_autoclip_threshold_equals_numpy_percentile(window, percentile):
+    rng = np.random.default_rng(0)
+    norms = np.exp(rng.normal(size=300)) * 3
+    thresholds, _ = run_autoclip(norms, percentile, window)
+    for t in range(len(norms)):
+        hist = norms[: t + 1] if window is None else norms[max(0, t + 1 - window) : t + 1]
+        assert thresholds[t] == pytest.approx(np.percentile(hist, percentile), rel=1e-12)
+
+
+def test_autoclip_skips_nonfinite_norms_and_clips_like_clip_grad_norm():
+    norms = [1.0, 2.0, math.nan, 3.0, math.inf, 4.0]
+    thresholds, p = run_autoclip(norms, 50.0, None)
+    finite = [1.0, 2.0, 3.0, 4.0]
+    assert thresholds[-1] == np.percentile(finite, 50.0)
+    expected = 4.0 * min(np.percentile(finite, 50.0) / (4.0 + 1e-6), 1.0)
+    assert p.grad.item() == pytest.approx(expected, rel=1e-12)
+
+
+def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
+    """Step by step scalar ZClip (the algorithm of arXiv:2504.02507, zscore/adaptive)."""
+    buf, mean, var, out = [], None, None, []
+    for g in norms:
+        if not math.isfinite(g):
+            out.append(g)
+            continue
+        if mean is None:
+            buf.append(g)
+            if len(buf) == warmup:
+                mean = sum(buf) / len(buf)
+                var = sum((x - mean) ** 2 for x in buf) / len(buf)
+            out.append(g)
+            continue
+        std = var**0.5
+        z = (g - mean) / (std + eps)
+        v = g
+        if z > z_thresh:
+            v = mean + z_thresh * std / (z / z_thresh)
+        out.append(g * (v / (g + 1e-6)) if v < g else g)
+        mean = alpha * mean + (1 - alpha) * v
+        var = alpha * var + (1 - alpha) * (v - mean) ** 2
+    return out
+
+
+def test_zclip_equals_scalar_reference_with_spikes():
+    rng = np.random.default_rng(1)
+    norms = list(1.0 + 0.1 * rng.normal(size=200))
+    for t, k in [(40, 30.0), (41, 50.0), (90, 8.0), (150, 100.0)]:
+        norms[t] *= k
+    norms[60] = math.nan
+    expected = zclip_reference(norms)
+    clip = gw.ZClip()
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    got = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float64)
+        clip([p])
+        got.append(p.grad.item())
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert got[40] < 3 and got[150] < 3  # the spikes were clipped
+
+
+def test_zclip_max_norm_caps_during_warmup():
+    clip = gw.ZClip(max_norm=1.0)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    clip([p])
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_chain_applies_in_order_and_reports_first_norm():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([30.0, 40.0])
+    out = gw.Chain(gw.ClipByGlobalNorm(10.0), gw.AutoClip(percentile=100.0))([p])
+    assert out.item() == pytest.approx(50.0)
+    assert p.grad.norm().item() == pytest.approx(10.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "clipper",
+    [
+        gw.ClipByValue(0.05),
+        gw.ClipByNorm(0.5),
+        gw.ClipByGlobalNorm(0.5),
+        gw.ClipByGlobalNorm(0.5, norm_type=1.0),
+        gw.AutoClip(50.0),
+        gw.AGC(0.05),
+        gw.ZClip(warmup_steps=2),
+        gw.Chain(gw.ClipByGlobalNorm(1.0), gw.AutoClip()),
+    ],
+    ids=repr,
+)
+def test_clipper_inside_watch_equals_clipper_alone(clipper):
+    """The watch's reused norms give the same clipping as the clipper measuring itself."""
+    a = mlp()
+    b = copy.deepcopy(a)
+    ca, cb = clipper, copy.deepcopy(clipper)
+    watch = gw.GradWatch(a, clipper=ca)
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    watch.attach(oa)
+    for _ in range(6):
+        x = torch.randn(4, 8)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            if m is b:
+                cb(b)
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    h = watch.history
+    # post-clip norms recorded by the watch equal the norms of the clipped gradients
+    np.testing.assert_allclose(
+        h.norms_clipped[-1], [p.grad.norm().item() for p in a.parameters()], rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(h.total_clipped, np.linalg.norm(h.norms_clipped, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(h.clip_coef, h.total_clipped / h.total, rtol=1e-5)
+
+
+def batch(i):
+    """The data of global step ``i``: the same whichever run asks for it."""
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(4, 8, generator=g) * (1 + 5 * torch.rand(1, generator=g))
+
+
+def run_steps(model, opt, start, stop):
+    grads = []
+    for i in range(start, stop):
+        opt.zero_grad()
+        model(batch(i)).square().sum().backward()
+        opt.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads
+
+
+@pytest.mark.parametrize("make", [lambda: gw.AutoClip(25.0, window=5), lambda: gw.AutoClip(), lambda: gw.ZClip(warmup_steps=3)])
+def test_resume_from_checkpoint_is_bit_identical(make):
+    full = mlp()
+    watch = gw.GradWatch(full, clipper=make(), detectors=[gw.Spike(warmup_steps=2)])
+    opt = torch.optim.Adam(full.parameters(), lr=0.01)
+    watch.attach(opt)
+    run_steps(full, opt, 0, 4)
+    ckpt = copy.deepcopy({"model": full.state_dict(), "opt": opt.state_dict(), "watch": watch.state_dict()})
+    expected = run_steps(full, opt, 4, 10)
+
+    resumed = mlp()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=0.01)
+    opt2.load_state_dict(ckpt["opt"])
+    watch2 = gw.GradWatch(resumed, clipper=make(), detectors=[gw.Spike(warmup_steps=2)])
+    watch2.load_state_dict(ckpt["watch"])
+    watch2.attach(opt2)
+    got = run_steps(resumed, opt2, 4, 10)
+
+    for ga, gb in zip(expected, got):
+        for a, b in zip(ga, gb):
+            assert torch.equal(a, b)
+    for pa, pb in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+    assert watch2.history.steps.tolist() == list(range(4, 10))
+    np.testing.assert_array_equal(watch2.history.clip_coef, watch.history.clip_coef[4:])
+    assert (watch2.history.clip_coef < 1).any()  # the clipper's state mattered
+
+
+@pytest.mark.parametrize(
+    "clipper",
+    [gw.ClipByValue(1.0), gw.ClipByNorm(1.0), gw.ClipByGlobalNorm(1.0), gw.AutoClip(), gw.ZClip(), gw.AGC()],
+    ids=repr,
+)
+def test_nonfinite_gradients_propagate_like_torch(clipper):
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, math.nan, 2.0])
+    q.grad = torch.tensor([5.0, 5.0, 5.0])
+    total = clipper([p, q])
+    assert torch.isnan(total)
+    assert torch.isnan(p.grad).any()  # NaN is never hidden by clipping
+
+
+def test_adaptive_state_is_not_poisoned_by_a_nonfinite_step():
+    p = torch.nn.Parameter(torch.zeros(1))
+    auto, z = gw.AutoClip(50.0), gw.ZClip(warmup_steps=2)
+    for g in [1.0, 1.0, 1.0, math.nan, math.inf, 1.0, 1.0]:
+        for clip in (auto, z):
+            p.grad = torch.tensor([g])
+            clip([p])
+    hist = auto.state_dict()["history"]
+    assert torch.isfinite(hist).sum() == 5 and auto.threshold().item() == 1.0
+    assert torch.isfinite(z.mean) and torch.isfinite(z.var)
+    assert z.mean.item() == pytest.approx(1.0) and z.var.item() == pytest.approx(0.0, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    max_norm=st.floats(1e-3, 1e3),
+    scale=st.floats(1e-4, 1e4),
+    seed=st.integers(0, 2**16),
+)
+def test_property_global_clip(max_norm, scale, seed):
+    ps = params_with_grads([(7, 3), (5,)], scale=scale, seed=seed)
+    before = grads_of(ps)
+    total = gw.ClipByGlobalNorm(max_norm)(ps)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps]))
+    assert after <= max_norm * (1 + 1e-5)
+    if total <= max_norm:  # below the threshold: untouched
+        for p, g in zip(ps, before):
+            assert torch.equal(p.grad, g)
+    for p, g in zip(ps, before):  # direction preserved
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0)
+        assert cos > 1 - 1e-5
+    again = grads_of(ps)
+    gw.ClipByGlobalNorm(max_norm)(ps)  # clipping twice changes nothing but torch's +1e-6
+    for p, g in zip(ps, again):  # in the coefficient max_norm / (total + 1e-6)
+        torch.testing.assert_close(p.grad, g, rtol=2e-6 + 1.01e-6 / max_norm, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(clip_norm=st.floats(1e-2, 1e2), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_property_per_tensor_clip(clip_norm, scale, seed):
+    ps = params_with_grads([(4, 4), (3,)], scale=scale, seed=seed)
+    before = grads_of(ps)
+    gw.ClipByNorm(clip_norm)(ps)
+    for p, g in zip(ps, before):
+        assert p.grad.norm() <= clip_norm * (1 + 1e-5)
+        if g.norm() <= clip_norm:
+            assert torch.equal(p.grad, g)
+
+
+def test_bad_arguments_name_the_argument():
+    cases = [
+        (lambda: gw.ClipByValue(0), "clip_value"),
+        (lambda: gw.ClipByValue(-1.0), "clip_value"),
+        (lambda: gw.ClipByNorm(0.0), "clip_norm"),
+        (lambda: gw.ClipByGlobalNorm(-2.0), "max_norm"),
+        (lambda: gw.ClipByGlobalNorm(1.0, norm_type=0), "norm_type"),
+        (lambda: gw.ClipByGlobalNorm(1.0, norm_type=-math.inf), "norm_type"),
+        (lambda: gw.AutoClip(percentile=0), "percentile"),
+        (lambda: gw.AutoClip(percentile=100.5), "percentile"),
+        (lambda: gw.AutoClip(window=0), "window"),
+        (lambda: gw.AGC(clipping=0), "clipping"),
+        (lambda: gw.AGC(eps=-1), "eps"),
+        (lambda: gw.ZClip(alpha=1.0), "alpha"),
+        (lambda: gw.ZClip(alpha=0.0), "alpha"),
+        (lambda: gw.ZClip(z_thresh=0), "z_thresh"),
+        (lambda: gw.ZClip(warmup_steps=0), "warmup_steps"),
+        (lambda: gw.ZClip(max_norm=0), "max_norm"),
+        (lambda: gw.Chain(), "at least one"),
+    ]
+    for make, word in cases:
+        with pytest.raises(ValueError, match=word):
+            make()
+    with pytest.raises(TypeError, match="Clipper"):
+        gw.Chain(gw.ClipByNorm(1.0), "x")

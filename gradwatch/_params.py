@@ -29,10 +29,7 @@ def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]
             if isinstance(item, Tensor):
                 pairs.append((str(i), item))
             elif (
-                isinstance(item, tuple)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and isinstance(item[1], Tensor)
+                isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Tensor)
             ):
                 pairs.append(item)
             else:
@@ -42,8 +39,7 @@ def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]
                 )
     else:
         raise TypeError(
-            f"{argname} must be an nn.Module or an iterable of (name, parameter) pairs, "
-            f"got {type(obj).__name__}"
+            f"{argname} must be an nn.Module or an iterable of (name, parameter) pairs, got {type(obj).__name__}"
         )
     names: list[str] = []
     params: list[Tensor] = []

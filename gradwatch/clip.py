@@ -385,8 +385,8 @@ class AutoClip(Clipper):
         >>> for g in [1.0, 3.0, 100.0]:
         ...     p.grad = torch.tensor([g])
         ...     _ = clip([p])
-        >>> p.grad  # clipped to the median of [1, 3, 100]
-        tensor([3.0000])
+        >>> p.grad  # 100 clipped to the median of [1, 3, 100]
+        tensor([3.])
 
     References:
         Seetharaman, Wichern, Pardo and Le Roux, *AutoClip: Adaptive Gradient

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 ACTIONS = ("warn", "raise", "skip", "ignore")
-Action = Union[str, Callable[["Event"], Any]]
+Action = str | Callable[["Event"], Any]
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,9 @@ def check_action(action: Action) -> Action:
     """Validate an action: one of :data:`ACTIONS` or a callable."""
     if callable(action) or action in ACTIONS:
         return action
-    raise ValueError(f"action must be one of {', '.join(map(repr, ACTIONS))} or a callable taking an Event, got {action!r}")
+    raise ValueError(
+        f"action must be one of {', '.join(map(repr, ACTIONS))} or a callable taking an Event, got {action!r}"
+    )
 
 
 def _positive(value: float, argname: str) -> float:
@@ -236,7 +239,9 @@ class NonFinite(Detector):
             if math.isfinite(rec.total):
                 return []
             return [Event(rec.step, self.kind, None, rec.total, None)]
-        return [Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), None) for i in ready_first(rec.order, bad)]
+        return [
+            Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), None) for i in ready_first(rec.order, bad)
+        ]
 
 
 class Threshold(Detector):
@@ -469,6 +474,18 @@ def ready_first(order: Sequence[int], bad: np.ndarray) -> list[int]:
     return out
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside gradwatch and torch.
+
+    Warnings fire at a flush, which may run inside ``optimizer.step()``; the
+    user wants to see their own line, not the hook machinery.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("gradwatch", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class Warner:
     """Rate-limited warnings: the first ``limit`` events of a (kind, name), then a summary."""
 
@@ -483,13 +500,13 @@ class Warner:
         self.counts[key] = n
         self.last[key] = event.step
         if n <= self.limit:
-            warnings.warn(f"gradwatch: {prefix}{event}", GradientWarning, stacklevel=4)
+            warnings.warn(f"gradwatch: {prefix}{event}", GradientWarning, stacklevel=user_stacklevel())
         if n == self.limit:
             warnings.warn(
                 f"gradwatch: {event.kind} events for {event.name or 'the global norm'} reached {n}; "
                 "further ones are counted and summarised at close()",
                 GradientWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def summary(self) -> None:
@@ -501,6 +518,6 @@ class Warner:
                     f"gradwatch: {n - self.limit} more {kind} events for {name or 'the global norm'} "
                     f"were not shown (last at step {self.last[key]}); see History.events",
                     GradientWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
         self.counts.clear()

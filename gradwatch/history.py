@@ -118,7 +118,7 @@ class History:
         for name in taps:
             if name not in self.tap_names:
                 self.tap_names.append(name)
-        tap_mat = np.full((n, len(self.tap_names)), np.nan)
+        tap_mat = np.full((n, len(self.tap_names)), np.nan, dtype=norms.dtype)
         for name, col in taps.items():
             tap_mat[:, self.tap_names.index(name)] = col
         chunk["taps"] = tap_mat
@@ -137,7 +137,10 @@ class History:
                 self._cache[key] = np.zeros(shape, dtype)
             elif key == "taps":
                 k = len(self.tap_names)
-                parts = [np.pad(c["taps"], ((0, 0), (0, k - c["taps"].shape[1])), constant_values=np.nan) for c in self._chunks]
+                parts = [
+                    np.pad(c["taps"], ((0, 0), (0, k - c["taps"].shape[1])), constant_values=np.nan)
+                    for c in self._chunks
+                ]
                 self._cache[key] = np.concatenate(parts)
             else:
                 self._cache[key] = np.concatenate([c[key] for c in self._chunks])
@@ -213,7 +216,13 @@ class History:
         """Write the history to a ``.npz`` file (exact round trip with :meth:`load`)."""
         events = [[e.step, e.kind, e.name, e.value, e.threshold] for e in self.events]
         arrays = {key: self._col(key) for key in ("steps", "norms", "norms_clipped", "grad_missing", "taps", *_SCALARS)}
-        header = {"format": _FORMAT, "names": self.names, "tap_names": self.tap_names, "meta": self.meta, "events": events}
+        header = {
+            "format": _FORMAT,
+            "names": self.names,
+            "tap_names": self.tap_names,
+            "meta": self.meta,
+            "events": events,
+        }
         with open(path, "wb") as f:
             np.savez_compressed(f, gradwatch=np.array(json.dumps(header)), **arrays)
 
@@ -237,5 +246,7 @@ class History:
         if len(arrays["steps"]):
             chunk = {k: arrays[k] for k in ("steps", "norms", "norms_clipped", "grad_missing", "taps", *_SCALARS)}
             h._chunks.append(chunk)
-        h.events = [Event(int(s), k, n, float(v), None if t is None else float(t)) for s, k, n, v, t in header["events"]]
+        h.events = [
+            Event(int(s), k, n, float(v), None if t is None else float(t)) for s, k, n, v, t in header["events"]
+        ]
         return h

@@ -7,7 +7,6 @@ stacked norms), so a total computed here has the same bits as torch's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -136,6 +135,6 @@ def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tens
 def check_norm_type(norm_type: float) -> float:
     """Validate a p-norm order: any p > 0, or ``inf``."""
     p = float(norm_type)
-    if not (p > 0 or math.isinf(p) and p > 0) or math.isnan(p):
+    if not p > 0:  # also rejects NaN
         raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
     return p

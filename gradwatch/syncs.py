@@ -44,7 +44,11 @@ class count_host_syncs(TorchDispatchMode):
             self.syncs += 1
         elif func is torch.ops.aten._to_copy.default:
             dev = kwargs.get("device")
-            if dev is not None and torch.device(dev).type == "cpu" and kwargs.get("dtype", args[0].dtype) == args[0].dtype:
+            if (
+                dev is not None
+                and torch.device(dev).type == "cpu"
+                and kwargs.get("dtype", args[0].dtype) == args[0].dtype
+            ):
                 self.host_copies += 1
         elif func is torch.ops.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
             self.host_copies += 1

@@ -90,13 +90,13 @@ class GradWatch:
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> with gw.GradWatch(model, clipper=gw.ClipByGlobalNorm(1.0)) as watch:
-        ...     watch.attach(opt)
+        ...     _ = watch.attach(opt)
         ...     for _ in range(3):
         ...         opt.zero_grad()
         ...         model(torch.ones(2, 3)).sum().backward()
         ...         opt.step()
         >>> h = watch.history
-        >>> h.names, h.norms.shape, h.total_clipped.max() <= 1.0 + 1e-6
+        >>> h.names, h.norms.shape, bool(h.total_clipped.max() <= 1.0 + 1e-6)
         (['weight', 'bias'], (3, 2), True)
     """
 
@@ -300,7 +300,11 @@ class GradWatch:
             if res is not None:
                 parts += [torch.stack([res.total, res.coef, res.threshold]).to(self.dtype), res.norms]
             if self.scaler is not None:
-                parts.append(self.scaler._scale.reshape(1).to(self.dtype) if self.scaler._scale is not None else torch.full((1,), math.nan, device=self.device, dtype=self.dtype))
+                parts.append(
+                    self.scaler._scale.reshape(1).to(self.dtype)
+                    if self.scaler._scale is not None
+                    else torch.full((1,), math.nan, device=self.device, dtype=self.dtype)
+                )
             obs = Observation(step, self._cur_norms, self._cur_total, missing, self._observed)
             widths = []
             for d in self.detectors:
@@ -323,7 +327,7 @@ class GradWatch:
         raising = [f for d, f in flags if d.action == "raise"]
         if raising and bool(torch.stack(raising).any()):  # one host sync, by request
             self.flush()
-            hit = next(e for e in reversed(self._history.events) if e.step == step and self._raises(e))
+            hit = next(e for e in self._history.events if e.step == step and self._raises(e))
             raise GradientAnomalyError(hit)
         skipping = [f for d, f in flags if d.action == "skip"]
         if skipping:
@@ -480,7 +484,15 @@ class GradWatch:
                     self._act(d, e)
         steps = [m[0] for m in metas]
         chunk = History(self.names, self._history.meta)
-        chunk.append(steps, norms.copy(), grad_missing=missing, total=total.copy(), taps=taps, events=events, **{k: v.copy() for k, v in kw.items()})
+        chunk.append(
+            steps,
+            norms.copy(),
+            grad_missing=missing,
+            total=total.copy(),
+            taps=taps,
+            events=events,
+            **{k: v.copy() for k, v in kw.items()},
+        )
         self._history._chunks.extend(chunk._chunks)
         for name in chunk.tap_names:
             if name not in self._history.tap_names:
@@ -561,4 +573,3 @@ class GradWatch:
             f"GradWatch({len(self.params)} parameters, clipper={self.clipper!r}, "
             f"detectors={self.detectors!r}, every={self.every}, measure={self.measure!r})"
         )
-

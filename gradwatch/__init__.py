@@ -34,6 +34,8 @@ from gradwatch.detect import (
     Vanishing,
 )
 from gradwatch.history import History
+from gradwatch.plot import plot_clipping, plot_compare, plot_heatmap, plot_norms, plot_taps
+from gradwatch.sinks import CallbackSink, CSVSink, JSONLSink, Sink, TensorBoardSink, read_csv, read_jsonl
 from gradwatch.syncs import count_host_syncs
 from gradwatch.watch import GradWatch
 
@@ -45,6 +47,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "AGC",
     "AutoClip",
+    "CSVSink",
+    "CallbackSink",
     "Chain",
     "ClipByGlobalNorm",
     "ClipByNorm",
@@ -58,11 +62,21 @@ __all__ = [
     "GradientAnomalyError",
     "GradientWarning",
     "History",
+    "JSONLSink",
     "NonFinite",
+    "Sink",
     "Spike",
+    "TensorBoardSink",
     "Threshold",
     "Vanishing",
     "ZClip",
     "__version__",
     "count_host_syncs",
+    "plot_clipping",
+    "plot_compare",
+    "plot_heatmap",
+    "plot_norms",
+    "plot_taps",
+    "read_csv",
+    "read_jsonl",
 ]

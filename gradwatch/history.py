@@ -6,7 +6,8 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -210,6 +211,55 @@ class History:
                 }
             )
         return rows
+
+    def grouped(self, by: int | Callable[[str], str]) -> History:
+        """A history whose columns are groups of parameters, for models with many tensors.
+
+        A group's norm is the L2 norm of its members' norms (the norm of all
+        their gradients together), before and after clipping; a group's
+        gradient is missing only if all its members' are. Totals, steps and
+        events carry over (events renamed to their group).
+
+        Args:
+            by: a module depth (``1`` groups ``"layers.3.attn.weight"`` under
+                ``"layers"``, ``2`` under ``"layers.3"``), or a function from
+                parameter name to group name.
+
+        Raises:
+            ValueError: ``by`` is neither a depth >= 1 nor a callable.
+
+        Example:
+            >>> h = History(["enc.0.w", "enc.1.w", "head.w"]); h.append([0], [[3.0, 4.0, 1.0]])
+            >>> g = h.grouped(1)
+            >>> g.names, g.norms.tolist()
+            (['enc', 'head'], [[5.0, 1.0]])
+        """
+        if callable(by):
+            key = by
+        elif isinstance(by, int) and not isinstance(by, bool) and by >= 1:
+
+            def key(name: str) -> str:
+                return ".".join(name.split(".")[:by])
+        else:
+            raise ValueError(f"by must be a module depth >= 1 or a callable name -> group, got {by!r}")
+        groups: dict[str, list[int]] = {}
+        for j, name in enumerate(self.names):
+            groups.setdefault(str(key(name)), []).append(j)
+        out = History(list(groups), {**self.meta, "grouped_by": repr(by)})
+        out.tap_names = list(self.tap_names)
+        if len(self):
+
+            def l2(mat: np.ndarray) -> np.ndarray:
+                cols = [np.sqrt(np.square(mat[:, idx].astype(np.float64)).sum(axis=1)) for idx in groups.values()]
+                return np.stack(cols, axis=1).astype(mat.dtype)
+
+            chunk = {k: self._col(k) for k in ("steps", "taps", *_SCALARS)}
+            chunk["norms"] = l2(self.norms)
+            chunk["norms_clipped"] = l2(self.norms_clipped)
+            chunk["grad_missing"] = np.stack([self.grad_missing[:, idx].all(axis=1) for idx in groups.values()], 1)
+            out._chunks.append(chunk)
+        out.events = [e if e.name is None else replace(e, name=str(key(e.name))) for e in self.events]
+        return out
 
     # -- persistence --------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

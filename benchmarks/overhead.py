@@ -1,0 +1,205 @@
+"""What watching and clipping add to a training step, measured side by side.
+
+    python benchmarks/overhead.py                 # all three models (~3 min on 2 cores)
+    python benchmarks/overhead.py --models srn --rounds 200
+
+Every variant trains its own copy of the model; one round runs one step of
+every variant, in a rotating order, so slow drifts of the machine (turbo,
+other processes) hit all variants alike. Reported: the median step time, the
+ratio to the plain step and to ``clip_grad_norm_``, and the host syncs per step
+(``aten._local_scalar_dense`` calls, counted on an extra step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "srn_digit_sum"))
+
+import gradwatch as gw
+
+
+def srn_task():
+    from model import SRNClassifier
+
+    torch.manual_seed(0)
+    model = SRNClassifier()
+    x, y = torch.randint(0, 10, (64, 20)), torch.randint(0, 19, (64,))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    return model, lambda m: loss_fn(m(x), y), lambda ps: torch.optim.SGD(ps, lr=1e-3)
+
+
+def transformer_task():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
+    x = torch.randn(16, 64, 256)
+    return model, lambda m: m(x).square().mean(), lambda ps: torch.optim.AdamW(ps, lr=1e-4)
+
+
+def mlp_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048))
+    x = torch.randn(256, 2048)
+    return model, lambda m: m(x).square().mean(), lambda ps: torch.optim.SGD(ps, lr=1e-3)
+
+
+TASKS = {"srn": srn_task, "transformer": transformer_task, "mlp": mlp_task}
+MAX_NORM = 1.0
+
+# name -> (GradWatch kwargs or None, extra work after backward or None)
+VARIANTS: dict[str, tuple[dict | None, Callable | None]] = {
+    "plain": (None, None),
+    "watch (hooks)": ({}, None),
+    "watch (step pass)": ({"measure": "step"}, None),
+    "watch + detectors": ({"detectors": [gw.NonFinite(), gw.Spike(), gw.Vanishing()]}, None),
+    "clip_grad_norm_": (None, lambda m: nn.utils.clip_grad_norm_(m.parameters(), MAX_NORM, foreach=True)),
+    "watch + ClipByGlobalNorm": ({"clipper": lambda: gw.ClipByGlobalNorm(MAX_NORM)}, None),
+    "watch + ClipByNorm": ({"clipper": lambda: gw.ClipByNorm(MAX_NORM)}, None),
+    "watch + ClipByValue": ({"clipper": lambda: gw.ClipByValue(1e-3)}, None),
+    "watch + AutoClip": ({"clipper": lambda: gw.AutoClip()}, None),
+    "watch + ZClip": ({"clipper": lambda: gw.ZClip()}, None),
+    "watch + AGC": ({"clipper": lambda: gw.AGC()}, None),
+    "watch + Chain(GlobalNorm, AutoClip)": (
+        {"clipper": lambda: gw.Chain(gw.ClipByGlobalNorm(5.0), gw.AutoClip())},
+        None,
+    ),
+    "seed-style .item() logging": (None, lambda m: [torch.norm(p.grad).item() for p in m.parameters()]),
+}
+
+
+class Runner:
+    def __init__(
+        self, base: nn.Module, loss: Callable, make_opt: Callable, kwargs: dict | None, extra: Callable | None
+    ):
+        self.model = copy.deepcopy(base)
+        self.loss, self.extra = loss, extra
+        self.opt = make_opt(self.model.parameters())
+        self.watch = None
+        if kwargs is not None:
+            kw = {k: (v() if k == "clipper" else copy.deepcopy(v)) for k, v in kwargs.items()}
+            self.watch = gw.GradWatch(self.model, **kw).attach(self.opt)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(self.model).backward()
+        if self.extra is not None:
+            self.extra(self.model)
+        self.opt.step()
+
+    def timed_step(self) -> None:
+        t = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - t)
+
+    def syncs_per_step(self) -> int:
+        with gw.count_host_syncs() as c:
+            self.step()
+        return c.syncs
+
+
+def bench(task: str, rounds: int, warmup: int, variants: list[str]) -> list[dict]:
+    base, loss, make_opt = TASKS[task]()
+    runners = {v: Runner(base, loss, make_opt, *VARIANTS[v]) for v in variants}
+    order = list(runners.values())
+    for r in range(warmup + rounds):
+        k = r % len(order)
+        for runner in order[k:] + order[:k]:  # rotate who goes first
+            runner.step() if r < warmup else runner.timed_step()
+    plain = statistics.median(runners["plain"].times)
+    clip = statistics.median(runners["clip_grad_norm_"].times) if "clip_grad_norm_" in runners else float("nan")
+    rows = []
+    for name, runner in runners.items():
+        med = statistics.median(runner.times)
+        rows.append(
+            {
+                "model": task,
+                "variant": name,
+                "median_ms": med * 1e3,
+                "vs_plain": med / plain,
+                "added_ms": (med - plain) * 1e3,
+                "vs_clip_grad_norm": med / clip,
+                "syncs_per_step": runner.syncs_per_step(),
+                "params": sum(1 for _ in base.parameters()),
+            }
+        )
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = [
+        "| model | variant | median step (ms) | vs plain | added (ms) | vs clip_grad_norm_ | host syncs / step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} ({r['params']} tensors) | {r['variant']} | {r['median_ms']:.3f} | {r['vs_plain']:.4f} "
+            f"| {r['added_ms']:+.3f} | {r['vs_clip_grad_norm']:.4f} | {r['syncs_per_step']} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The targets of issue #2 and #3, each with its measured value."""
+    get = {(r["model"], r["variant"]): r for r in rows}
+    out = []
+
+    def check(label: str, value: float, limit: float) -> None:
+        out.append(f"{'PASS' if value <= limit else 'MISS'}  {label}: {value:.4f} (target <= {limit})")
+
+    for model, limit in (("srn", 1.02), ("transformer", 1.01), ("mlp", 1.01)):
+        if (model, "watch (hooks)") in get:
+            check(f"{model}: recording / plain", get[model, "watch (hooks)"]["vs_plain"], limit)
+        if (model, "watch + ClipByGlobalNorm") in get:
+            check(
+                f"{model}: watch+global clip / clip_grad_norm_",
+                get[model, "watch + ClipByGlobalNorm"]["vs_clip_grad_norm"],
+                1.02,
+            )
+        g = get.get((model, "watch + ClipByGlobalNorm"))
+        for name in ("watch + AutoClip", "watch + ZClip"):
+            if g and (model, name) in get:
+                check(f"{model}: {name} / watch+ClipByGlobalNorm", get[model, name]["median_ms"] / g["median_ms"], 1.1)
+    if ("mlp", "watch + AGC") in get:
+        check(
+            "mlp: AGC / watch+ClipByGlobalNorm",
+            get["mlp", "watch + AGC"]["median_ms"] / get["mlp", "watch + ClipByGlobalNorm"]["median_ms"],
+            2.0,
+        )
+    syncs = max(r["syncs_per_step"] for r in rows if r["variant"].startswith("watch"))
+    out.append(f"{'PASS' if syncs == 0 else 'MISS'}  host syncs per step, every GradWatch variant: {syncs} (target 0)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per model (default: 300 srn, 25 others)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    args = p.parse_args(argv)
+    variants = list(dict.fromkeys(["plain", "clip_grad_norm_", *args.variants]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, gradwatch {gw.__version__}", flush=True)
+    rows = []
+    for task in args.models:
+        rounds = args.rounds or (300 if task == "srn" else 25)
+        t = time.perf_counter()
+        rows += bench(task, rounds, args.warmup, variants)
+        print(f"{task}: {rounds} rounds in {time.perf_counter() - t:.0f} s", flush=True)
+    print(report(rows))
+    print("\n".join(targets(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

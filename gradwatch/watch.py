@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch._measure import MODES, NormMeter
 from gradwatch._params import named_trainable
 from gradwatch.clip import ClipContext, Clipper
 from gradwatch.detect import (
@@ -24,11 +25,10 @@ from gradwatch.detect import (
     ready_first,
 )
 from gradwatch.history import History
-from gradwatch.norms import grad_norms, stat_dtype
+from gradwatch.norms import stat_dtype
 
 __all__ = ["GradWatch"]
 
-_MEASURES = ("hook", "step")
 
 
 def _int_at_least_1(value: Any, argname: str) -> int:
@@ -109,7 +109,7 @@ class GradWatch:
         sinks: Sequence[Any] = (),
         every: int = 1,
         flush_every: int = 100,
-        measure: str = "hook",
+        measure: str = "auto",
         scaler: Any | None = None,
     ) -> None:
         self.names, self.params = named_trainable(model, "model")
@@ -117,8 +117,8 @@ class GradWatch:
             raise ValueError("model has no parameter with requires_grad=True: nothing to watch")
         self.every = _int_at_least_1(every, "every")
         self.flush_every = _int_at_least_1(flush_every, "flush_every")
-        if measure not in _MEASURES:
-            raise ValueError(f"measure must be one of {_MEASURES}, got {measure!r}")
+        if measure not in MODES:
+            raise ValueError(f"measure must be one of {MODES}, got {measure!r}")
         if clipper is not None and not isinstance(clipper, Clipper):
             raise TypeError(f"clipper must be a gradwatch Clipper or None, got {type(clipper).__name__}")
         for d in detectors:
@@ -146,11 +146,12 @@ class GradWatch:
         for s in self.sinks:
             s.open(self.names, self._history.meta)
 
-        # Staging row: [norms (P) | total]; hooks write straight into it.
+        # Staging row [norms (P) | total]: the meter fills the norms, the step the total.
         self._cur = torch.zeros(P + 1, device=self.device, dtype=self.dtype)
         self._cur_norms = self._cur[:P]
         self._cur_total = self._cur[P]
-        self._views = list(self._cur_norms.unbind())
+        track_order = any(isinstance(d, NonFinite) for d in self.detectors) or scaler is not None
+        self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order, out=self._cur_norms)
         self._buf: Tensor | None = None
         self._widths: list[int] | None = None  # slots each detector writes per row
         self._rows: list[Tensor] = []
@@ -158,9 +159,6 @@ class GradWatch:
         self._row_meta: list[tuple[int, list[int], list[int], dict[str, Tensor]]] = []
         self._step = 0
         self._observed = 0
-        self._hot = True
-        self._fired = [False] * P
-        self._order: list[int] = []
         self._taps: dict[str, Tensor | None] = {}
         self._stepped = False
         self._pending_skip: Tensor | None = None
@@ -170,7 +168,6 @@ class GradWatch:
         self._warner = Warner()
         self._closed = False
         self._needs_every_step = clipper is not None
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i, p)) for i, p in enumerate(self.params)]
 
     # -- set-up -------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -180,33 +177,6 @@ class GradWatch:
             "every": self.every,
             "measure": self.measure,
         }
-
-    def _measure_fn(self, i: int, p: Tensor):
-        view = self._views[i]
-        half = p.dtype.is_floating_point and p.dtype.itemsize < 4
-        if p.device == self.device and p.dtype == self.dtype:
-            return lambda g: torch.linalg.vector_norm(g, out=view)
-        if p.device == self.device and half and self.dtype == torch.float32:
-            return lambda g: torch.linalg.vector_norm(g, dtype=torch.float32, out=view)
-        acc = torch.float32 if half else None
-        return lambda g: view.copy_(torch.linalg.vector_norm(g, dtype=acc))
-
-    def _make_hook(self, i: int, p: Tensor):
-        measure = self._measure_fn(i, p)
-        in_hook = self.measure == "hook"
-        fired, order = self._fired, self._order
-
-        def hook(param: Tensor) -> None:
-            if in_hook and self._hot:
-                measure(param.grad)
-            if not fired[i]:
-                fired[i] = True
-                order.append(i)
-            self._stepped = False
-
-        self._measure_fns = getattr(self, "_measure_fns", [])
-        self._measure_fns.append(measure)
-        return hook
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradWatch:
         """Run :meth:`step` automatically at every ``optimizer.step()``.
@@ -233,11 +203,9 @@ class GradWatch:
 
     # -- the step -----------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._stepped:
-            self._stepped = False
-        else:
+        if not (self._stepped and not self._meter.touched):  # not already stepped by hand since backward
             self.step(_optimizer=optimizer)
-            self._stepped = False
+        self._stepped = False
         if self._pending_skip is not None:
             flag, self._pending_skip = self._pending_skip, None
             self._skip(optimizer, flag)
@@ -284,12 +252,12 @@ class GradWatch:
         step = self._step
         observe = step % self.every == 0
         self._step += 1
-        self._hot = self._step % self.every == 0 or self._needs_every_step
+        self._meter.hot = self._step % self.every == 0 or self._needs_every_step
         self._stepped = True
         grads = [p.grad for p in self.params]
         missing = [i for i, g in enumerate(grads) if g is None]
         if observe or self.clipper is not None:
-            self._measure(grads)
+            self._measure(grads, missing)
         res = None
         if self.clipper is not None:
             ctx = ClipContext(self.params, self.names, self._cur_norms, self._cur_total, step)
@@ -318,12 +286,10 @@ class GradWatch:
                 self._widths = widths
             self._write_row(parts)
             taps = {k: v for k, v in self._taps.items() if v is not None}
-            self._row_meta.append((step, missing, list(self._order), taps))
+            self._row_meta.append((step, missing, list(self._meter.order), taps))
             self._observed += 1
         self._taps.clear()
-        self._order.clear()
-        for i in range(len(self._fired)):
-            self._fired[i] = False
+        self._meter.reset()
         raising = [f for d, f in flags if d.action == "raise"]
         if raising and bool(torch.stack(raising).any()):  # one host sync, by request
             self.flush()
@@ -342,20 +308,13 @@ class GradWatch:
     def _raises(self, event: Event) -> bool:
         return any(d.action == "raise" and d.kind == event.kind for d in self.detectors)
 
-    def _measure(self, grads: list[Tensor | None]) -> None:
+    def _measure(self, grads: list[Tensor | None], missing: list[int]) -> None:
         """Fill the staging row with this step's norms and their total."""
-        if self.scaler is not None and self.scaler.is_enabled():
+        unscaled = self.scaler is not None and self.scaler.is_enabled()
+        if unscaled:
             self._unscale()
             grads = [p.grad for p in self.params]
-        if self.measure == "step":
-            self._cur_norms.copy_(grad_norms(grads, dtype=self.dtype, device=self.device))
-        else:
-            fired = self._fired
-            for i, g in enumerate(grads):
-                if g is None:
-                    self._views[i].zero_()
-                elif not fired[i]:  # no hook this step: a gradient set by hand
-                    self._measure_fns[i](g)
+        self._meter.measure(grads, missing, hooks_valid=not unscaled)
         torch.linalg.vector_norm(self._cur_norms, out=self._cur_total)
 
     def _unscale(self) -> None:
@@ -406,7 +365,7 @@ class GradWatch:
         """
         if name in self.names:
             raise ValueError(f"tap name {name!r} is a parameter name; choose another")
-        if self._hot and tensor.requires_grad:
+        if self._meter.hot and tensor.requires_grad:
             acc = torch.float32 if tensor.dtype.itemsize < 4 else None
 
             def hook(g: Tensor) -> None:
@@ -536,7 +495,7 @@ class GradWatch:
             raise ValueError(f"state has {len(state['detectors'])} detectors, this watch {len(self.detectors)}")
         self._step = int(state["step"])
         self._observed = int(state["observed"])
-        self._hot = self._step % self.every == 0 or self._needs_every_step
+        self._meter.hot = self._step % self.every == 0 or self._needs_every_step
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])
         for d, st in zip(self.detectors, state["detectors"]):
@@ -551,8 +510,7 @@ class GradWatch:
         if self._closed:
             return
         self.flush()
-        for h in self._hooks:
-            h.remove()
+        self._meter.remove()
         for _, handles in self._optimizers.values():
             for h in handles:
                 h.remove()

@@ -308,3 +308,25 @@ def test_named_parameter_iterable_and_state_dict_round_trip():
     other.load_state_dict(state)
     assert other.state_dict()["step"] == 4
     torch.testing.assert_close(other.clipper.state_dict()["history"], state["clipper"]["history"])
+
+
+def test_auto_measures_large_tensors_in_hooks_and_is_accurate():
+    big = torch.nn.Linear(1024, 1024)  # 1M weights: hooked under measure="auto"
+    watch = gw.GradWatch(big)
+    assert watch._meter.hooked == [True, False]
+    big(torch.randn(8, 1024)).square().sum().backward()
+    watch.step()
+    truth = [torch.linalg.vector_norm(p.grad.double()).item() for p in big.parameters()]
+    np.testing.assert_allclose(watch.history.norms[0], truth, rtol=2e-6)
+
+
+def test_gradients_changed_after_backward_need_measure_step():
+    """Documented: hooks see the gradient backward produced; "step" sees the current one."""
+    for measure, factor in (("hook", 1.0), ("step", 0.5)):
+        lin = torch.nn.Linear(4, 4)
+        watch = gw.GradWatch(lin, measure=measure)
+        lin(torch.randn(2, 4)).sum().backward()
+        before = lin.weight.grad.norm().item()
+        lin.weight.grad.mul_(0.5)  # e.g. a user's own clipping between backward and step
+        watch.step()
+        assert watch.history["weight"][0] == pytest.approx(before * factor, rel=1e-6)

@@ -29,12 +29,21 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"gradwatch {release}"
 html_static_path = ["_static"]
+# Docstring examples use the names of their own module (pytest runs them that
+# way too, with --doctest-modules); give the doctest builder the same names.
 doctest_global_setup = """
-import torch
-import numpy as np
-import gradwatch as gw
+import math
 import matplotlib
 matplotlib.use("Agg")
+import numpy as np
+import torch
+import gradwatch as gw
+from gradwatch import *
+from gradwatch.clip import *
+from gradwatch.detect import *
+from gradwatch.norms import *
+from gradwatch.plot import *
+from gradwatch.sinks import *
 """
 # MathJax is loaded from a CDN by the browser when a page is read, never at build time.
 nitpicky = False

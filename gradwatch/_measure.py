@@ -72,7 +72,8 @@ class NormMeter:
         self._fused = {k: (idx, torch.tensor(idx, device=device)) for k, idx in fused.items()}
         (dev0, dt0), idx0 = next(iter(fused.items())) if len(fused) == 1 else ((None, None), [])
         # the common case: one group, nothing hooked -> foreach + stack straight into `norms`
-        self._direct = len(idx0) == P and dev0 == device and (dt0 == dtype or _is_half(dt0) and dtype == torch.float32)
+        same_dtype = dt0 is not None and (dt0 == dtype or (_is_half(dt0) and dtype == torch.float32))
+        self._direct = len(idx0) == P and dev0 == device and same_dtype
         self._fns = [self._square_fn(i) for i in range(P)]
         self.hot = True  # measure in hooks on the coming step?
         self.fired = [False] * P
@@ -86,7 +87,9 @@ class NormMeter:
         """Writes ``‖g‖²`` of parameter ``i``'s gradient into its slot."""
         p, out = self.params[i], self._sq_views[i]
         if _is_half(p.dtype) or p.dtype.is_complex or not p.dtype.is_floating_point:
-            return lambda g: out.copy_(torch.linalg.vector_norm(g, dtype=torch.float32 if _is_half(g.dtype) else None).square())
+            return lambda g: out.copy_(
+                torch.linalg.vector_norm(g, dtype=torch.float32 if _is_half(g.dtype) else None).square()
+            )
         if p.dtype == self.dtype and p.device == self.device:
 
             def direct(g: Tensor) -> None:
@@ -126,7 +129,9 @@ class NormMeter:
         """
         out = self.norms
         if self._direct and not missing:
-            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32 if _is_half(grads[0].dtype) else None), out=out)
+            torch.stack(
+                torch._foreach_norm(grads, 2, dtype=torch.float32 if _is_half(grads[0].dtype) else None), out=out
+            )
             return out
         if self._any_hooked:
             for i in self._hooked_idx:  # gradients no hook saw this step (set by hand, or changed since)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 
@@ -51,15 +50,3 @@ def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]
         names.append(name)
         params.append(p)
     return names, params
-
-
-def is_named(obj: object) -> bool:
-    """Whether ``obj`` carries parameter names (a module or ``(name, tensor)`` pairs)."""
-    return isinstance(obj, nn.Module)
-
-
-def as_tensor_list(parameters: Tensor | Iterable) -> list[Tensor]:
-    """``parameters`` as a list, as ``torch.nn.utils.clip_grad_norm_`` accepts it."""
-    if isinstance(parameters, torch.Tensor):
-        return [parameters]
-    return list(parameters)

@@ -368,8 +368,8 @@ class AutoClip(Clipper):
     .. math:: g \leftarrow g \cdot \min\Bigl(\frac{\operatorname{pct}_p(H_t)}{n_t + 10^{-6}},\ 1\Bigr)
 
     The percentile interpolates linearly, as ``numpy.percentile``. The history
-    lives on the device; sorting it costs O(|H| log |H|) per step, so set
-    ``window`` for runs of hundreds of thousands of steps. Non-finite norms are
+    lives on the device; sorting it costs O(n log n) per step for n recorded
+    norms, so set ``window`` for runs of hundreds of thousands of steps. Non-finite norms are
     not added to the history (with ``window`` they still use up their slot).
 
     Args:

@@ -24,22 +24,17 @@ _FORMAT = 1
 class History:
     """Everything GradWatch recorded, one row per observed optimizer step.
 
+    The per-step columns are numpy arrays (properties below), one row per
+    observed step: ``steps``, ``norms`` and ``norms_clipped`` ``[S, P]``,
+    ``grad_missing``, ``total``, ``total_clipped``, ``clip_coef``,
+    ``clip_threshold``, ``scale`` and ``taps``. A parameter whose ``.grad`` was
+    None at a step is recorded with norm 0 and flagged in ``grad_missing``; NaN
+    and Inf are kept as they were.
+
     Attributes:
         names: parameter names, in model order (``P`` of them).
-        steps: ``int64 [S]`` optimizer step index of each row.
-        norms: ``[S, P]`` pre-clip L2 norm of each parameter's gradient. A
-            parameter whose ``.grad`` was None at a step is recorded as 0 and
-            flagged in :attr:`grad_missing`; NaN and Inf are kept as they were.
-        norms_clipped: ``[S, P]`` the norms after clipping (= ``norms`` without a clipper).
-        grad_missing: ``bool [S, P]``, True where ``.grad`` was None.
-        total: ``[S]`` global L2 norm before clipping.
-        total_clipped: ``[S]`` global L2 norm after clipping.
-        clip_coef: ``[S]`` factor applied to the global norm (1.0 = not clipped).
-        clip_threshold: ``[S]`` the bound the clipper enforced (NaN: no global bound).
-        scale: ``[S]`` the ``GradScaler`` scale at each step (NaN without one).
         events: the :class:`~gradwatch.Event` list, in step order.
-        tap_names: names of tapped tensors (:meth:`GradWatch.tap`).
-        taps: ``[S, K]`` gradient L2 norm of each tapped tensor (NaN where absent).
+        tap_names: names of tapped tensors (:meth:`GradWatch.tap`), the columns of ``taps``.
         meta: free-form description of the run (clipper, detectors, ...).
 
     Example:
@@ -75,11 +70,13 @@ class History:
     ) -> None:
         """Add rows; omitted columns take their "nothing happened" values.
 
+        The keyword columns (``norms_clipped``, ``grad_missing``, ``total``,
+        ``total_clipped``, ``clip_coef``, ``clip_threshold``, ``scale``) have the
+        shapes of the properties of the same names.
+
         Args:
             steps: ``[n]`` step indices.
             norms: ``[n, P]`` pre-clip norms.
-            norms_clipped, grad_missing, total, total_clipped, clip_coef,
-            clip_threshold, scale: the other columns (see the class attributes).
             taps: ``{name: [n]}`` tapped-tensor gradient norms.
             events: events of these rows.
 
@@ -149,13 +146,19 @@ class History:
 
     # -- reading ------------------------------------------------------------------
     steps = property(lambda self: self._col("steps"), doc="``int64 [S]`` optimizer step of each row.")
-    norms = property(lambda self: self._col("norms"), doc="``[S, P]`` pre-clip L2 norms.")
+    norms = property(
+        lambda self: self._col("norms"), doc="``[S, P]`` pre-clip L2 norms (0 where ``.grad`` was None; NaN kept)."
+    )
     norms_clipped = property(lambda self: self._col("norms_clipped"), doc="``[S, P]`` post-clip L2 norms.")
     grad_missing = property(lambda self: self._col("grad_missing"), doc="``bool [S, P]``: True where .grad was None.")
     total = property(lambda self: self._col("total"), doc="``[S]`` global norm before clipping.")
     total_clipped = property(lambda self: self._col("total_clipped"), doc="``[S]`` global norm after clipping.")
-    clip_coef = property(lambda self: self._col("clip_coef"), doc="``[S]`` factor applied to the global norm.")
-    clip_threshold = property(lambda self: self._col("clip_threshold"), doc="``[S]`` bound the clipper enforced.")
+    clip_coef = property(
+        lambda self: self._col("clip_coef"), doc="``[S]`` factor applied to the global norm (1.0 = not clipped)."
+    )
+    clip_threshold = property(
+        lambda self: self._col("clip_threshold"), doc="``[S]`` bound the clipper enforced (NaN: no global bound)."
+    )
     scale = property(lambda self: self._col("scale"), doc="``[S]`` GradScaler scale (NaN without one).")
     taps = property(lambda self: self._col("taps"), doc="``[S, K]`` gradient norms of tapped tensors.")
 

@@ -30,7 +30,6 @@ from gradwatch.norms import stat_dtype
 __all__ = ["GradWatch"]
 
 
-
 def _int_at_least_1(value: Any, argname: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{argname} must be an integer >= 1, got {value!r}")

@@ -105,7 +105,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["epochs"], r["clipper"]) for r in rows}, key=lambda k: (k[0], list(train.CLIPPERS).index(k[1])))
     for epochs, clipper in keys:
-        rs = [r for r in rows if r["epochs"] == epochs and r["clipper"] == clipper]
+        rs = sorted((r for r in rows if r["epochs"] == epochs and r["clipper"] == clipper), key=lambda r: r["seed"])
         acc = np.array([r["test_acc"] for r in rs])
         out.append(
             {
@@ -152,7 +152,8 @@ def markdown(table: list[dict], book: dict, args) -> str:
     lines += [
         "",
         "Peaks are medians over seeds of each run's largest pre-clip norm; event columns are mean counts per run "
-        "(Vanishing: ‖∇‖ < 1e-2 for 10 consecutive steps; Spike: EMA z-score > 6).",
+        "(Vanishing: ‖∇‖ < 1e-2 for 10 consecutive steps; Spike: EMA z-score > 6). "
+        "AGC() leaves the final linear layer unclipped, as the paper recommends.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -36,7 +36,7 @@ def _is_half(dtype: torch.dtype) -> bool:
 
 
 class NormMeter:
-    """Fills :attr:`norms` (``[P]``, on ``device`` in ``dtype``) with this step's gradient norms.
+    """Writes this step's gradient norms into a ``[P]`` tensor on ``device`` in ``dtype``.
 
     Args:
         params: the parameters, in model order.
@@ -44,22 +44,14 @@ class NormMeter:
         device, dtype: where and how the norms are kept.
         track_order: register hooks on every parameter to record the order in
             which gradients become ready (even those measured at step time).
-        out: the ``[P]`` tensor to fill (default: a new one).
     """
 
     def __init__(
-        self,
-        params: Sequence[Tensor],
-        mode: str,
-        device: torch.device,
-        dtype: torch.dtype,
-        track_order: bool,
-        out: Tensor | None = None,
+        self, params: Sequence[Tensor], mode: str, device: torch.device, dtype: torch.dtype, track_order: bool
     ) -> None:
         self.params = list(params)
         self.device, self.dtype = device, dtype
         P = len(self.params)
-        self.norms = torch.zeros(P, device=device, dtype=dtype) if out is None else out
         self._sq = torch.zeros(P, device=device, dtype=dtype)  # hooks write squared norms here
         self._sq_views = list(self._sq.unbind())
         self.hooked = [mode == "hook" or (mode == "auto" and p.numel() >= HOOK_MIN_NUMEL) for p in self.params]
@@ -118,16 +110,16 @@ class NormMeter:
 
         return hook
 
-    def measure(self, grads: list[Tensor | None], missing: list[int], hooks_valid: bool = True) -> Tensor:
-        """Fill :attr:`norms` for ``grads``; returns it.
+    def measure(self, grads: list[Tensor | None], missing: list[int], out: Tensor, hooks_valid: bool = True) -> Tensor:
+        """Write the norms of ``grads`` into ``out``; returns it.
 
         Args:
             grads: the gradients (``None`` where missing), in model order.
             missing: indices of the ``None`` entries (recorded as 0).
+            out: a ``[P]`` tensor (a row of GradWatch's device buffer).
             hooks_valid: False when the gradients changed after backward (AMP
                 unscaling): everything is then measured now.
         """
-        out = self.norms
         if self._direct and not missing:
             torch.stack(
                 torch._foreach_norm(grads, 2, dtype=torch.float32 if _is_half(grads[0].dtype) else None), out=out

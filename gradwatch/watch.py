@@ -145,16 +145,17 @@ class GradWatch:
         for s in self.sinks:
             s.open(self.names, self._history.meta)
 
-        # Staging row [norms (P) | total]: the meter fills the norms, the step the total.
-        self._cur = torch.zeros(P + 1, device=self.device, dtype=self.dtype)
-        self._cur_norms = self._cur[:P]
-        self._cur_total = self._cur[P]
-        track_order = any(isinstance(d, NonFinite) for d in self.detectors) or scaler is not None
-        self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order, out=self._cur_norms)
-        self._buf: Tensor | None = None
+        # Device buffer: rows of [norms (P) | total], written in place by the meter
+        # (no copy per step), plus a scratch row for steps that clip but are not
+        # observed. What the clipper and detectors add goes to `_extra` (lazily sized).
+        self._base = torch.zeros(self.flush_every + 1, P + 1, device=self.device, dtype=self.dtype)
+        self._row_views = [(r[:P], r[P]) for r in self._base.unbind()]
+        self._extra: Tensor | None = None
+        self._extra_rows: list[Tensor] = []
         self._widths: list[int] | None = None  # slots each detector writes per row
-        self._rows: list[Tensor] = []
         self._pos = 0
+        track_order = any(isinstance(d, NonFinite) for d in self.detectors) or scaler is not None
+        self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
         self._row_meta: list[tuple[int, list[int], list[int], dict[str, Tensor]]] = []
         self._step = 0
         self._observed = 0
@@ -255,15 +256,15 @@ class GradWatch:
         self._stepped = True
         grads = [p.grad for p in self.params]
         missing = [i for i, g in enumerate(grads) if g is None]
+        norms, total = self._row_views[self._pos if observe else self.flush_every]
         if observe or self.clipper is not None:
-            self._measure(grads, missing)
+            self._measure(grads, missing, norms, total)
         res = None
         if self.clipper is not None:
-            ctx = ClipContext(self.params, self.names, self._cur_norms, self._cur_total, step)
-            res = self.clipper.clip_(ctx)
+            res = self.clipper.clip_(ClipContext(self.params, self.names, norms, total, step))
         flags: list[tuple[Detector, Tensor]] = []
         if observe:
-            parts = [self._cur]
+            parts: list[Tensor] = []
             if res is not None:
                 parts += [torch.stack([res.total, res.coef, res.threshold]).to(self.dtype), res.norms]
             if self.scaler is not None:
@@ -272,7 +273,7 @@ class GradWatch:
                     if self.scaler._scale is not None
                     else torch.full((1,), math.nan, device=self.device, dtype=self.dtype)
                 )
-            obs = Observation(step, self._cur_norms, self._cur_total, missing, self._observed)
+            obs = Observation(step, norms, total, missing, self._observed)
             widths = []
             for d in self.detectors:
                 slots, fired = d.observe(obs)
@@ -283,7 +284,9 @@ class GradWatch:
                     flags.append((d, fired))
             if self._widths is None:
                 self._widths = widths
-            self._write_row(parts)
+            if parts:
+                self._write_extra(parts)
+            self._pos += 1
             taps = {k: v for k, v in self._taps.items() if v is not None}
             self._row_meta.append((step, missing, list(self._meter.order), taps))
             self._observed += 1
@@ -307,14 +310,14 @@ class GradWatch:
     def _raises(self, event: Event) -> bool:
         return any(d.action == "raise" and d.kind == event.kind for d in self.detectors)
 
-    def _measure(self, grads: list[Tensor | None], missing: list[int]) -> None:
-        """Fill the staging row with this step's norms and their total."""
+    def _measure(self, grads: list[Tensor | None], missing: list[int], norms: Tensor, total: Tensor) -> None:
+        """Write this step's norms and their total into a buffer row."""
         unscaled = self.scaler is not None and self.scaler.is_enabled()
         if unscaled:
             self._unscale()
             grads = [p.grad for p in self.params]
-        self._meter.measure(grads, missing, hooks_valid=not unscaled)
-        torch.linalg.vector_norm(self._cur_norms, out=self._cur_total)
+        self._meter.measure(grads, missing, norms, hooks_valid=not unscaled)
+        torch.linalg.vector_norm(norms, out=total)
 
     def _unscale(self) -> None:
         opts = [ref() for ref, _ in self._optimizers.values() if ref() is not None]
@@ -327,17 +330,17 @@ class GradWatch:
                 if "already been called" not in str(exc):
                     raise
 
-    def _write_row(self, parts: list[Tensor]) -> None:
-        if self._buf is None:
+    def _write_extra(self, parts: list[Tensor]) -> None:
+        """Write the clipper's, scaler's and detectors' values of this row (one call)."""
+        if self._extra is None:
             width = sum(t.numel() for t in parts)
-            self._buf = torch.zeros(self.flush_every, width, device=self.device, dtype=self.dtype)
-            self._rows = list(self._buf.unbind())
-        row = self._rows[self._pos]
+            self._extra = torch.zeros(self.flush_every, width, device=self.device, dtype=self.dtype)
+            self._extra_rows = list(self._extra.unbind())
+        row = self._extra_rows[self._pos]
         if len(parts) == 1:
             row.copy_(parts[0])
         else:
             torch.cat(parts, out=row)
-        self._pos += 1
 
     # -- taps ---------------------------------------------------------------------
     def tap(self, tensor: Tensor, name: str) -> Tensor:
@@ -391,13 +394,17 @@ class GradWatch:
             for k, v in taps.items():
                 tap_names.append(k)
                 tap_vals.append(v.reshape(1))
-        dev = self._buf[:n].reshape(-1)
-        if tap_vals:
-            dev = torch.cat([dev, *tap_vals])
+        pieces = [self._base[:n].reshape(-1)]
+        if self._extra is not None:
+            pieces.append(self._extra[:n].reshape(-1))
+        dev = torch.cat(pieces + tap_vals) if len(pieces) + len(tap_vals) > 1 else pieces[0]
         host = dev.to("cpu", copy=True).numpy()  # the one device-to-host copy
-        rows = host[: n * self._buf.shape[1]].reshape(n, -1)
-        tap_flat = host[n * self._buf.shape[1] :]
-        self._ingest(rows, metas, tap_flat)
+        base_w = self._base.shape[1]
+        extra_w = 0 if self._extra is None else self._extra.shape[1]
+        rows = host[: n * base_w].reshape(n, base_w)
+        if extra_w:
+            rows = np.concatenate([rows, host[n * base_w : n * (base_w + extra_w)].reshape(n, extra_w)], axis=1)
+        self._ingest(rows, metas, host[n * (base_w + extra_w) :])
 
     def _ingest(self, rows: np.ndarray, metas: list, tap_flat: np.ndarray) -> None:
         P = len(self.names)

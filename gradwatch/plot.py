@@ -35,6 +35,18 @@ def _axes(ax):
     return ax
 
 
+def _finish(ax: Any, log: bool, ylabel: str = "gradient L2 norm", xlabel: str | None = "step") -> Any:
+    """The common dressing of a line plot: scale, labels, legend, grid."""
+    if log:
+        ax.set_yscale("log")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
 def _window(h: History, steps: slice | range | Sequence[int] | None) -> np.ndarray:
     """Row mask of the recorded steps inside ``steps`` (all rows for None)."""
     if steps is None:
@@ -107,13 +119,7 @@ def plot_norms(
                 ev_x = [e.step for e in hits]
                 ev_y = [y[np.searchsorted(x, s)] for s in ev_x]
                 ax.scatter(ev_x, np.nan_to_num(ev_y, nan=0.0), marker="x", color=line.get_color(), zorder=3)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("gradient L2 norm")
-    ax.legend(fontsize="small")
-    ax.grid(True, alpha=0.3)
-    return ax
+    return _finish(ax, log)
 
 
 def plot_heatmap(
@@ -184,13 +190,7 @@ def plot_clipping(h: History, ax: Any = None, *, log: bool = True) -> Any:
         ax.scatter(
             x[bound], h.total[bound], s=10, color="red", zorder=3, label=f"clipped ({bound.mean():.0%} of steps)"
         )
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("gradient L2 norm")
-    ax.legend(fontsize="small")
-    ax.grid(True, alpha=0.3)
-    return ax
+    return _finish(ax, log)
 
 
 def plot_compare(
@@ -224,13 +224,7 @@ def plot_compare(
         else:
             y = h.norms_clipped[:, h.names.index(name)] if clipped else h[name]
         ax.plot(h.steps, y, label=label, linewidth=1.2)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{'post' if clipped else 'pre'}-clip {name or 'global'} gradient norm")
-    ax.legend(fontsize="small")
-    ax.grid(True, alpha=0.3)
-    return ax
+    return _finish(ax, log, f"{'post' if clipped else 'pre'}-clip {name or 'global'} gradient norm")
 
 
 def plot_taps(
@@ -269,9 +263,4 @@ def plot_taps(
         ax.plot(x, taps[r], marker="o", markersize=3, label=f"step {h.steps[r]}")
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize="x-small", rotation=90 if len(names) > 12 else 0)
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylabel("gradient L2 norm")
-    ax.legend(fontsize="small")
-    ax.grid(True, alpha=0.3)
-    return ax
+    return _finish(ax, log, xlabel=None)

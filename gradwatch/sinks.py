@@ -76,7 +76,25 @@ class Sink:
         _OPEN_SINKS.discard(self)
 
 
-class CSVSink(Sink):
+class _FileSink(Sink):
+    """A sink writing to one text file, kept open across flushes and flushed after each."""
+
+    def __init__(self, path: str | os.PathLike, group_by: Any = None) -> None:
+        super().__init__(group_by)
+        self.path = Path(path)
+        self._file = None
+
+    def _open_file(self, mode: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, mode, newline="")
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        super().close()
+
+
+class CSVSink(_FileSink):
     """One CSV row per recorded step: ``step, total, total_clipped, clip_coef``, then each parameter.
 
     The header is written once; an existing file with the same header is
@@ -101,11 +119,6 @@ class CSVSink(Sink):
         'step,total,total_clipped,clip_coef,weight,bias'
     """
 
-    def __init__(self, path: str | os.PathLike, group_by: Any = None) -> None:
-        super().__init__(group_by)
-        self.path = Path(path)
-        self._file = None
-
     def open(self, names: list[str], meta: dict[str, Any]) -> None:
         super().open(names, meta)
         header = ["step", "total", "total_clipped", "clip_coef", *self.names]
@@ -114,10 +127,9 @@ class CSVSink(Sink):
                 existing = next(csv.reader(f), [])
             if existing != header:
                 raise ValueError(f"{self.path} exists with another header ({existing[:6]}...); choose a new path")
-            self._file = open(self.path, "a", newline="")
+            self._open_file("a")
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", newline="")
+            self._open_file("w")
             csv.writer(self._file).writerow(header)
             self._file.flush()
 
@@ -128,13 +140,8 @@ class CSVSink(Sink):
             writer.writerow([int(step), *(repr(float(v)) for v in row)])
         self._file.flush()
 
-    def close(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        super().close()
 
-
-class JSONLSink(Sink):
+class JSONLSink(_FileSink):
     """One JSON object per recorded step and one per event, one per line.
 
     Step lines: ``{"type": "step", "step", "total", "total_clipped", "clip_coef",
@@ -147,16 +154,10 @@ class JSONLSink(Sink):
         group_by: aggregate parameters into groups first.
     """
 
-    def __init__(self, path: str | os.PathLike, group_by: Any = None) -> None:
-        super().__init__(group_by)
-        self.path = Path(path)
-        self._file = None
-
     def open(self, names: list[str], meta: dict[str, Any]) -> None:
         super().open(names, meta)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a")
+        self._open_file("a")
         if fresh:
             self._file.write(json.dumps({"type": "header", "names": self.names, "meta": meta}) + "\n")
             self._file.flush()
@@ -187,11 +188,6 @@ class JSONLSink(Sink):
             )
         self._file.write("".join(json.dumps(x) + "\n" for x in lines))
         self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        super().close()
 
 
 class TensorBoardSink(Sink):

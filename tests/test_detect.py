@@ -84,6 +84,24 @@ def test_skip_leaves_weights_and_adam_state_bit_identical_and_next_step_trains()
         assert [e.kind for e in watch.history.events] and watch.history.events[0].step == 1
 
 
+def test_skipped_step_still_advances_the_lr_scheduler():
+    model = five_layer_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    watch = gw.GradWatch(model, detectors=[gw.NonFinite(action="skip")])
+    watch.attach(opt)
+    poison(model[4], math.nan)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(gw.GradientWarning):
+        for _ in range(3):
+            one_step(model, opt)
+            sched.step()
+        watch.flush()
+    assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == 0.125
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_fused_skip_is_sync_free():
     model = five_layer_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)

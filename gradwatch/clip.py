@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,7 +165,7 @@ def _ratio(after: Tensor, before: Tensor) -> Tensor:
     return torch.where(before > 0, after / before, torch.ones_like(before))
 
 
-class Clipper:
+class Clipper(ABC):
     """Base class of the clippers.
 
     A subclass implements :meth:`clip_`; stateful ones also
@@ -172,12 +173,12 @@ class Clipper:
     that need parameter names override :meth:`bind`.
     """
 
-    def bind(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+    def bind(self, names: Sequence[str], params: Sequence[Tensor]) -> None:  # noqa: B027 - optional hook
         """Called once with the parameters the clipper will see (names validated here)."""
 
+    @abstractmethod
     def clip_(self, ctx: ClipContext) -> ClipResult:
         """Clip ``ctx``'s gradients in place; returns what was done."""
-        raise NotImplementedError(f"{type(self).__name__} must implement clip_")
 
     def __call__(self, parameters: Tensor | Iterable) -> Tensor:
         """Clip the ``.grad`` of ``parameters`` in place and return the pre-clip norm.
@@ -207,7 +208,7 @@ class Clipper:
         if state:
             raise ValueError(f"{type(self).__name__} is stateless; got state keys {sorted(state)}")
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - optional hook
         """Forget all observed history (no-op for stateless clippers)."""
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ def _unnum(x: Any) -> float:
     return float(x)
 
 
-class Sink:
-    """Base class: subclasses implement :meth:`write` and usually :meth:`open`/:meth:`close`.
+class Sink(ABC):
+    """Base class: subclasses implement ``_write(chunk)`` and usually :meth:`open`/:meth:`close`.
 
     Args:
         group_by: aggregate parameters before writing (see :meth:`History.grouped`).
@@ -67,8 +68,9 @@ class Sink:
         """Called at every flush with the new rows and events."""
         self._write(chunk.grouped(self.group_by) if self.group_by is not None else chunk)
 
+    @abstractmethod
     def _write(self, chunk: History) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _write")
+        """Write one flush's rows and events (already grouped when ``group_by`` is set)."""
 
     def close(self) -> None:
         """Flush and release resources; safe to call twice."""

@@ -62,20 +62,30 @@ def test_global_norm_mixed_float32_float64_is_bit_identical():
         assert pa.grad.dtype == pb.grad.dtype and torch.equal(pa.grad, pb.grad)
 
 
-def test_global_norm_inside_watch_matches_torch_training_bit_for_bit():
+def train_side_by_side(watch_kwargs, clip_b, steps):
+    """Train a watched model and a twin clipped by ``clip_b(twin)`` on the same data."""
     a = mlp()
     b = copy.deepcopy(a)
-    watch = gw.GradWatch(a, clipper=gw.ClipByGlobalNorm(0.3))
+    watch = gw.GradWatch(a, **watch_kwargs)
     oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
     watch.attach(oa)
-    for _ in range(5):
+    for _ in range(steps):
         x = torch.randn(4, 8)
         for m, o in ((a, oa), (b, ob)):
             o.zero_grad()
             m(x).square().sum().backward()
             if m is b:
-                torch.nn.utils.clip_grad_norm_(b.parameters(), 0.3)
+                clip_b(b)
             o.step()
+    return a, b, watch
+
+
+def test_global_norm_inside_watch_matches_torch_training_bit_for_bit():
+    # measure="step" measures with torch's own kernels: bit-identical norms and clipping
+    clip = gw.ClipByGlobalNorm(0.3)
+    a, b, watch = train_side_by_side(
+        {"clipper": clip, "measure": "step"}, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3), 5
+    )
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     h = watch.history
@@ -246,20 +256,7 @@ def test_chain_applies_in_order_and_reports_first_norm():
 )
 def test_clipper_inside_watch_equals_clipper_alone(clipper):
     """The watch's reused norms give the same clipping as the clipper measuring itself."""
-    a = mlp()
-    b = copy.deepcopy(a)
-    ca, cb = clipper, copy.deepcopy(clipper)
-    watch = gw.GradWatch(a, clipper=ca)
-    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
-    watch.attach(oa)
-    for _ in range(6):
-        x = torch.randn(4, 8)
-        for m, o in ((a, oa), (b, ob)):
-            o.zero_grad()
-            m(x).square().sum().backward()
-            if m is b:
-                cb(b)
-            o.step()
+    a, b, watch = train_side_by_side({"clipper": clipper}, copy.deepcopy(clipper), 6)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     h = watch.history

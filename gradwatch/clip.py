@@ -298,9 +298,14 @@ class ClipByNorm(Clipper):
         total = ctx.total  # before the gradients change
         c = torch.full_like(norms, self.clip_norm)
         factors = c / torch.maximum(norms, c)  # a true division: exactly 1 below the bound
-        for (device, _), (grads, positions) in ctx.groups.items():
-            idx = torch.tensor(positions, device=factors.device)
-            torch._foreach_mul_(grads, factors.index_select(0, idx).to(device).unbind())
+        groups = ctx.groups
+        if len(groups) == 1 and len(next(iter(groups.values()))[1]) == len(ctx.grads):
+            ((device, _), (grads, _)) = next(iter(groups.items()))  # one group, no missing grads
+            torch._foreach_mul_(grads, factors.to(device).unbind())
+        else:
+            for (device, _), (grads, positions) in groups.items():
+                idx = torch.tensor(positions, device=factors.device)
+                torch._foreach_mul_(grads, factors.index_select(0, idx).to(device).unbind())
         if not ctx.measured:
             return ClipResult(None, None, None, None, total)
         after = norms * factors

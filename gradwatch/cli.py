@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from gradwatch.history import History
 
@@ -73,12 +76,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
             f"{r['name']:<{width}}  {_fmt(r['max']):>10}  {_fmt(r['median']):>10}  {_fmt(r['last']):>10}  "
             f"{r['nonfinite']:>10}  {r['clipped']:>8}  {r['events']:>6}"
         )
-    fin = h.total[[math.isfinite(x) for x in h.total]]
+    fin = h.total[np.isfinite(h.total)]
+    peak, median = (float(fin.max()), float(np.median(fin))) if fin.size else (math.nan, math.nan)
     print("-" * len(header))
-    print(
-        f"{'global norm':<{width}}  {_fmt(float(fin.max()) if fin.size else math.nan):>10}  "
-        f"{_fmt(float(sorted(fin)[len(fin) // 2]) if fin.size else math.nan):>10}  {_fmt(float(h.total[-1])):>10}"
-    )
+    print(f"{'global norm':<{width}}  {_fmt(peak):>10}  {_fmt(median):>10}  {_fmt(float(h.total[-1])):>10}")
     print(f"clipping bound on {h.clip_fraction:.1%} of steps")
     kinds = Counter(e.kind for e in h.events)
     print("events: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else "none"))
@@ -164,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"gradwatch: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `gradwatch summary run.npz | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -405,3 +405,15 @@ def test_bad_arguments_name_the_argument():
             make()
     with pytest.raises(TypeError, match="Clipper"):
         gw.Chain(gw.ClipByNorm(1.0), "x")
+
+
+def test_clipper_runs_on_every_step_even_when_only_every_third_is_recorded():
+    clip = gw.ClipByGlobalNorm(0.2)
+    a, b, watch = train_side_by_side(
+        {"clipper": clip, "measure": "step", "every": 3},
+        lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.2),
+        7,
+    )
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert watch.history.steps.tolist() == [0, 3, 6]

@@ -128,14 +128,12 @@ class Observation:
         norms: ``[P]`` pre-clip L2 norms (0 where the gradient is missing).
         total: 0-d global L2 norm.
         missing: indices of parameters without a gradient this step.
-        count: how many steps the detectors have observed before this one.
     """
 
     step: int
     norms: Tensor
     total: Tensor
     missing: list[int]
-    count: int
 
 
 @dataclass

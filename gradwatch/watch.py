@@ -158,7 +158,6 @@ class GradWatch:
         self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
         self._row_meta: list[tuple[int, list[int], list[int], dict[str, Tensor]]] = []
         self._step = 0
-        self._observed = 0
         self._taps: dict[str, Tensor | None] = {}
         self._stepped = False
         self._pending_skip: Tensor | None = None
@@ -273,7 +272,7 @@ class GradWatch:
                     if self.scaler._scale is not None
                     else torch.full((1,), math.nan, device=self.device, dtype=self.dtype)
                 )
-            obs = Observation(step, norms, total, missing, self._observed)
+            obs = Observation(step, norms, total, missing)
             widths = []
             for d in self.detectors:
                 slots, fired = d.observe(obs)
@@ -289,7 +288,6 @@ class GradWatch:
             self._pos += 1
             taps = {k: v for k, v in self._taps.items() if v is not None}
             self._row_meta.append((step, missing, list(self._meter.order), taps))
-            self._observed += 1
         self._taps.clear()
         self._meter.reset()
         raising = [f for d, f in flags if d.action == "raise"]
@@ -486,7 +484,6 @@ class GradWatch:
         """Step counters and the clipper's and detectors' state, for checkpoints."""
         return {
             "step": self._step,
-            "observed": self._observed,
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
             "detectors": [d.state_dict() for d in self.detectors],
         }
@@ -500,7 +497,6 @@ class GradWatch:
         if len(state["detectors"]) != len(self.detectors):
             raise ValueError(f"state has {len(state['detectors'])} detectors, this watch {len(self.detectors)}")
         self._step = int(state["step"])
-        self._observed = int(state["observed"])
         self._meter.hot = self._step % self.every == 0 or self._needs_every_step
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])

@@ -102,15 +102,19 @@ def test_skipped_step_still_advances_the_lr_scheduler():
         assert torch.equal(v, before[k])
 
 
+def syncs_per_run(detectors, opt, model, steps):
+    watch = gw.GradWatch(model, detectors=detectors, flush_every=1000)
+    watch.attach(opt)
+    with gw.count_host_syncs() as c:
+        for _ in range(steps):
+            one_step(model, opt)
+    return c.syncs
+
+
 def test_fused_skip_is_sync_free():
     model = five_layer_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
-    watch = gw.GradWatch(model, detectors=[gw.NonFinite(action="skip")], flush_every=1000)
-    watch.attach(opt)
-    with gw.count_host_syncs() as c:
-        for _ in range(5):
-            one_step(model, opt)
-    assert c.syncs == 0
+    assert syncs_per_run([gw.NonFinite(action="skip")], opt, model, 5) == 0
 
 
 def test_raise_raises_before_the_weights_change():
@@ -212,13 +216,7 @@ def test_callable_action_receives_events_at_flush():
 def test_warn_only_detectors_cost_no_host_sync():
     model = five_layer_mlp()
     detectors = [gw.NonFinite(), gw.Spike(), gw.Vanishing(), gw.Threshold(1e6, names=["0.*"])]
-    watch = gw.GradWatch(model, detectors=detectors, flush_every=1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch.attach(opt)
-    with gw.count_host_syncs() as c:
-        for _ in range(10):
-            one_step(model, opt)
-    assert c.syncs == 0
+    assert syncs_per_run(detectors, torch.optim.SGD(model.parameters(), lr=0.01), model, 10) == 0
 
 
 def test_amp_overflow_is_labelled_and_scale_recorded():

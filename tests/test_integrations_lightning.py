@@ -1,0 +1,248 @@
+"""GradWatchCallback for PyTorch Lightning, against references: a plain-PyTorch twin's accumulated
+gradients, Lightning's own ``gradient_clip_val``, an uninterrupted run, the CSV logger's file."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import gradwatch as gw
+from gradwatch.integrations.lightning import GradWatchCallback
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+class Net(pl.LightningModule):
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+        self.optimizer, self.lr = optimizer, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def data(n: int = 32, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x**2).sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(ds: TensorDataset, batch_size: int = 4) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def fit(model: Net, cb: GradWatchCallback | None, ds: TensorDataset, **kw) -> pl.Trainer:
+    trainer = pl.Trainer(**{**QUIET, "callbacks": [] if cb is None else [cb], **kw})
+    trainer.fit(model, loader(ds))
+    return trainer
+
+
+def test_accumulated_gradient_norms_match_a_plain_pytorch_twin():
+    """accumulate_grad_batches=2: one row per optimizer step, holding the norms of both micro-batches' sum."""
+    model = Net(lr=0.05)
+    twin = copy.deepcopy(model)
+    ds = data(32)
+    cb = GradWatchCallback()
+    trainer = fit(model, cb, ds, max_steps=4, accumulate_grad_batches=2)
+    h = cb.history
+    assert trainer.global_step == 4 and len(h) == 4
+    np.testing.assert_array_equal(h.steps, np.arange(4))
+    assert h.names == [n for n, _ in twin.named_parameters()]
+
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05)
+    batches = list(loader(ds))
+    ref, first_only = [], []
+    for k in range(4):
+        opt.zero_grad()
+        for j in range(2):
+            x, y = batches[2 * k + j]
+            (F.mse_loss(twin(x), y) / 2).backward()  # Lightning divides the loss by accumulate_grad_batches
+            if j == 0:
+                first_only.append([p.grad.norm().item() for p in twin.parameters()])
+        ref.append([p.grad.norm().item() for p in twin.parameters()])
+        opt.step()
+    ref = np.array(ref)
+    np.testing.assert_allclose(h.norms, ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h.total, np.linalg.norm(ref, axis=1), rtol=1e-5)
+    # what an optimizer-attached watch records under Lightning (the first micro-batch only) is far off
+    assert np.abs(np.array(first_only) - ref).max() > 1e-3
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_callback_clipper_equals_lightning_gradient_clip_val():
+    bound = 0.5
+    ours = Net()
+    theirs = copy.deepcopy(ours)
+    ds = data(32)
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(bound))
+    fit(ours, cb, ds, max_steps=6)
+    rec = GradWatchCallback()  # records the pre-clip norms of the run Lightning clips
+    fit(theirs, rec, ds, max_steps=6, gradient_clip_val=bound, gradient_clip_algorithm="norm")
+    h, r = cb.history, rec.history
+    assert (h.clip_coef < 1).sum() >= 4  # the bound binds
+    np.testing.assert_allclose(h.total, r.total, rtol=1e-6)
+    np.testing.assert_allclose(h.total_clipped[h.clip_coef < 1], bound, rtol=1e-5)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_warns_once_when_lightning_clips_too():
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(1.0))
+    with pytest.warns(UserWarning, match="gradient_clip_val") as rec:
+        fit(Net(), cb, data(16), max_steps=3, gradient_clip_val=1.0)
+    assert sum("gradient_clip_val" in str(w.message) for w in rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(Net(), GradWatchCallback(), data(16), max_steps=1, gradient_clip_val=1.0)  # nothing to warn about
+
+
+def test_bf16_mixed_records_finite_rows_close_to_float32():
+    model = Net()
+    twin = copy.deepcopy(model)
+    cb, ref = GradWatchCallback(), GradWatchCallback()
+    trainer = fit(model, cb, data(32), max_steps=5, precision="bf16-mixed")
+    fit(twin, ref, data(32), max_steps=5)
+    h = cb.history
+    assert len(h) == trainer.global_step == 5
+    assert np.isfinite(h.norms).all() and np.isfinite(h.total).all()
+    assert (h.total > 0).all()
+    # same weights and batch at step 0: bf16 autocast changes the gradient by bf16 rounding only
+    np.testing.assert_allclose(h.total[0], ref.history.total[0], rtol=0.05)
+
+
+def test_csv_logger_receives_global_clipped_and_group_norms(tmp_path):
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5))
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    fit(Net(), cb, data(32), max_steps=6, logger=logger, log_every_n_steps=2)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {"grad_norm/total", "grad_norm/total_clipped", "grad_norm/encoder", "grad_norm/head"} <= columns
+    assert not any(c.startswith("grad_norm/encoder.") for c in columns)  # groups, not one column per tensor
+    h = cb.history
+    logged = [r for r in rows if r["grad_norm/total"]]
+    assert [int(r["step"]) for r in logged] == [1, 3, 5]  # Lightning's logging steps (log_every_n_steps=2)
+    for r in logged:
+        s = int(r["step"])
+        assert float(r["grad_norm/total"]) == pytest.approx(h.total[s], rel=1e-6)
+        assert float(r["grad_norm/total_clipped"]) == pytest.approx(h.total_clipped[s], rel=1e-6)
+        g = h.grouped(1)
+        assert float(r["grad_norm/encoder"]) == pytest.approx(g["encoder"][s], rel=1e-6)
+        assert float(r["grad_norm/head"]) == pytest.approx(g["head"][s], rel=1e-6)
+
+
+def test_log_groups_options(tmp_path):
+    for groups, expect, absent in [
+        (None, {"g/total"}, {"g/head"}),
+        ("params", {"g/total", "g/head.weight", "g/encoder.0.bias"}, {"g/encoder"}),
+        (lambda name: name.split(".")[-1], {"g/total", "g/weight", "g/bias"}, {"g/head"}),
+    ]:
+        cb = GradWatchCallback(log_groups=groups, log_prefix="g/")
+        trainer = fit(Net(), cb, data(16), max_steps=2, log_every_n_steps=1)
+        got = {k for k in trainer.logged_metrics if k.startswith("g/")}
+        assert expect <= got and not (absent & got), (groups, got)
+    cb = GradWatchCallback(log=False)
+    trainer = fit(Net(), cb, data(16), max_steps=2, log_every_n_steps=1)
+    assert not any(k.startswith("grad_norm/") for k in trainer.logged_metrics) and len(cb.history) == 2
+
+
+def test_checkpoint_resume_continues_autoclip_exactly(tmp_path):
+    ds = data(32)
+    base = Net(optimizer="adam", lr=0.01)
+    full = GradWatchCallback(clipper=gw.AutoClip(percentile=25.0))
+    model_a = copy.deepcopy(base)
+    fit(model_a, full, ds, max_epochs=2)
+    first = GradWatchCallback(clipper=gw.AutoClip(percentile=25.0))
+    trainer = fit(copy.deepcopy(base), first, ds, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    second = GradWatchCallback(clipper=gw.AutoClip(percentile=25.0))
+    model_b = Net(optimizer="adam", lr=0.01)  # fresh weights: everything comes from the checkpoint
+    trainer = pl.Trainer(**{**QUIET, "callbacks": [second], "max_epochs": 2})
+    trainer.fit(model_b, loader(ds), ckpt_path=tmp_path / "half.ckpt")
+    a, b = full.history, second.history
+    half = len(first.history)
+    assert len(a) == 2 * half and half == 8
+    np.testing.assert_array_equal(b.steps, a.steps[half:])
+    for col in ("total", "total_clipped", "clip_coef", "clip_threshold"):
+        np.testing.assert_allclose(getattr(b, col), getattr(a, col)[half:], rtol=1e-6, err_msg=col)
+    assert (a.clip_coef[half:] < 1).any()  # the restored percentile history decides something
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_skip_detector_leaves_weights_untouched():
+    class Poisoned(Net):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * torch.tensor(float("nan")) if self.global_step == 1 else loss
+
+    model = Poisoned()
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    cb = GradWatchCallback(detectors=[gw.NonFinite(action="skip")])
+    with pytest.warns(gw.GradientWarning):
+        trainer = pl.Trainer(**{**QUIET, "callbacks": [cb, Spy()], "max_steps": 3})
+        trainer.fit(model, loader(data(16)))
+    h = cb.history
+    assert [e.kind for e in h.events] and {e.step for e in h.events} == {1}
+    for p, q in zip(seen[1], seen[2]):  # the NaN step changed nothing
+        torch.testing.assert_close(p, q)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(TypeError, match="clipper"):
+        GradWatchCallback(clipper=1.0)
+    with pytest.raises(TypeError, match="detectors"):
+        GradWatchCallback(detectors=[gw.ClipByGlobalNorm(1.0)])
+    with pytest.raises(ValueError, match="every"):
+        GradWatchCallback(every=0)
+    with pytest.raises(TypeError, match="log must"):
+        GradWatchCallback(log="yes")
+    with pytest.raises(ValueError, match="log_groups"):
+        GradWatchCallback(log_groups=0)
+    with pytest.raises(ValueError, match="log_groups must be one of 'params'"):
+        GradWatchCallback(log_groups="param")
+    with pytest.raises(TypeError, match="log_prefix"):
+        GradWatchCallback(log_prefix=None)
+    with pytest.raises(RuntimeError, match="no fit"):
+        GradWatchCallback().history

@@ -1,0 +1,573 @@
+"""gradwatch.distributed: full per-parameter norms from local shards, against single-process references.
+
+Spawned CPU ranks with gloo (tests/_dist_harness.py): one spawn of 2 ranks for
+the engine, DDP, FSDP2, tensor parallel and the pipeline override, one spawn of
+4 ranks for HSDP (2x2) and FSDP2 + tensor parallel. Every scenario returns its
+numbers; the assertions run here, against references computed in this process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist_harness import (
+    MLP,
+    batch,
+    full,
+    grads_of,
+    local_batch,
+    loss_fn,
+    reference_clipped_training,
+    reference_grads,
+    reference_norms,
+    result_of,
+    run_scenarios,
+)
+from torch import nn
+
+from gradwatch.distributed import (
+    NormReducer,
+    check_process_group,
+    count_collectives,
+    full_norms,
+    get_rank,
+    get_world_size,
+    is_ddp,
+    local_tensor,
+    rank_path,
+    row_norms,
+    scale_,
+    total_norm,
+    unwrap_ddp,
+)
+
+P_TYPES = (2.0, 1.0, 3.0, math.inf)
+MAX_NORM = 0.1  # binds at every step of the reference run (asserted below)
+CLIP_STEPS = 3
+
+
+def engine_clip_(params: list[nn.Parameter], max_norm: float, reducer: NormReducer) -> torch.Tensor:
+    """A standalone global-norm clip built on the engine: the semantics of ``clip_grad_norm_``."""
+    grads = [p.grad for p in params]
+    total = reducer.total(reducer.norms(grads))
+    scale_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+def _mesh(shape, names=None):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def _placements(grads) -> list[str]:
+    return [str(getattr(g, "placements", "plain")) for g in grads]
+
+
+# --------------------------------------------------------------------------- rank functions (2 ranks)
+
+
+def _engine_tensors(rank: int, world: int):
+    """Hand-made DTensors of every placement, with their full values (the same on every rank)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = _mesh((world,))
+    g = torch.Generator().manual_seed(5)
+    shard0, shard1, repl, vec = (torch.randn(s, generator=g) for s in [(5, 3), (4, 6), (7,), (5,)])
+    part = [torch.randn(3, 2, generator=g) for _ in range(world)]
+    avg = [torch.randn(2, 2, generator=g) for _ in range(world)]
+    plain = torch.randn(3, generator=g)
+    tensors = [
+        distribute_tensor(shard0, mesh, [Shard(0)]),
+        distribute_tensor(shard1, mesh, [Shard(1)]),
+        distribute_tensor(repl, mesh, [Replicate()]),
+        distribute_tensor(vec, mesh, [Shard(0)]),
+        None,
+        plain,
+        DTensor.from_local(part[rank], mesh, [Partial("sum")]),
+        DTensor.from_local(avg[rank], mesh, [Partial("avg")]),
+    ]
+    fulls = [shard0, shard1, repl, vec, None, plain, sum(part), sum(avg) / world]
+    return tensors, fulls
+
+
+def s_engine(rank: int, world: int):
+    tensors, fulls = _engine_tensors(rank, world)
+    names = ["shard0", "shard1", "repl", "vec", "missing", "plain", "partial_sum", "partial_avg"]
+    out = {"fulls": fulls, "norms": {}, "counts": {}}
+    for p in P_TYPES:
+        reducer = NormReducer(names, norm_type=p)
+        with count_collectives() as c:
+            norms = reducer.norms(tensors)
+            total = reducer.total(norms)
+        out["norms"][p] = (norms, total)
+        out["counts"][p] = (dict(c.counts), reducer.last_collectives)
+    # without Partial gradients: exactly one all-reduce for the mesh, also on the second (cached-plan) call
+    reducer = NormReducer(names[:6])
+    reducer.norms(tensors[:6])
+    with count_collectives() as c:
+        out["no_partial"] = reducer.norms(tensors[:6])
+    out["no_partial_counts"] = (dict(c.counts), reducer.last_collectives)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    bad = distribute_tensor(torch.tensor([1.0, math.inf, 2.0]), tensors[0].device_mesh, [Replicate()])
+    nan = distribute_tensor(torch.tensor([1.0, math.nan]), tensors[0].device_mesh, [Replicate()])
+    out["non_finite"] = (full_norms([bad, nan]), row_norms([bad, nan]))
+    return out
+
+
+def s_rows(rank: int, world: int):
+    tensors, fulls = _engine_tensors(rank, world)
+    ts = [tensors[i] for i in (0, 1, 2, 3, 6)]
+    with count_collectives() as c:
+        rows = row_norms(ts)
+    return {"rows": rows, "fulls": [fulls[i] for i in (0, 1, 2, 3, 6)], "counts": dict(c.counts), "rank": rank}
+
+
+def s_mixed_meshes(rank: int, world: int):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = _mesh((world,))
+    own, _ = dist.new_subgroups(group_size=1)  # a one-rank mesh per rank, like a pipeline stage's own mesh
+    stage_mesh = DeviceMesh.from_group(own, "cpu")
+    a = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+    b = DTensor.from_local(torch.full((3,), float(rank + 1)), stage_mesh, [Replicate()])
+    try:
+        full_norms([a, b], names=["enc.weight", "stage.weight"])
+        err = None
+    except ValueError as e:
+        err = str(e)
+    norms = full_norms([a, b], names=["enc.weight", "stage.weight"], process_group=dist.group.WORLD)
+    try:
+        NormReducer(process_group=[0, 1])
+        type_err = None
+    except TypeError as e:
+        type_err = str(e)
+    return {"err": err, "norms": norms, "type_err": type_err, "mesh": str(stage_mesh)}
+
+
+def s_pipeline(rank: int, world: int):
+    """Pipeline stages: rank r holds a disjoint part of the model; process_group combines the global norm."""
+    grads = reference_grads(0)
+    names = list(grads)
+    mine = [n for i, n in enumerate(names) if i % world == rank]
+    out = {"mine": mine}
+    for p in (2.0, math.inf):
+        reducer = NormReducer(mine, norm_type=p, process_group=dist.group.WORLD)
+        norms = reducer.norms([grads[n] for n in mine])
+        with count_collectives() as c:
+            out[p] = reducer.total(norms)
+        out[("counts", p)] = dict(c.counts)
+    out["mesh_group"] = total_norm(full_norms([grads[n] for n in mine]), process_group=_mesh((world,)))
+    return out
+
+
+def s_ddp(rank: int, world: int):
+    torch.manual_seed(0)
+    model = MLP()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = local_batch(0, rank, world)
+    (x0, x1), (y0, y1) = x.chunk(2), y.chunk(2)
+    with ddp.no_sync():  # accumulation: the first micro-batch stays local
+        (loss_fn(ddp, x0, y0) / 2).backward()
+    (loss_fn(ddp, x1, y1) / 2).backward()
+    names, grads = grads_of(unwrap_ddp(ddp))
+    with count_collectives() as c:
+        norms = full_norms(grads, names=names)
+        total = total_norm(norms)
+    return {
+        "names": names,
+        "norms": norms,
+        "total": total,
+        "counts": dict(c.counts),
+        "is_ddp": (is_ddp(ddp), is_ddp(model)),
+    }
+
+
+def _fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = MLP()
+    for m in (model.up, model.down, model.head):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def s_fsdp2(rank: int, world: int):
+    mesh = _mesh((world,))
+    model = _fsdp_model(mesh)
+    loss_fn(model, *local_batch(0, rank, world)).backward()
+    names, grads = grads_of(model)
+    params = list(model.parameters())
+    reducer = NormReducer(names)
+    with count_collectives() as c:
+        norms = reducer.norms(grads)
+        total = reducer.total(norms)
+    out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "placements": _placements(grads)}
+    # AGC's unit-wise norms of gradients and weights: Shard(0) rows are local, only the biases reduce
+    with count_collectives() as c:
+        rows = row_norms(grads + params)
+    out["rows"], out["row_counts"] = rows, dict(c.counts)
+    out["local_rows"] = [local_tensor(t).shape[0] if t.ndim >= 2 else 0 for t in grads]
+    # a global clip on the engine vs torch.nn.utils.clip_grad_norm_ on the same sharded gradients
+    saved = [g.detach().clone() for g in grads]
+    with count_collectives() as c:
+        ours_total = engine_clip_(params, MAX_NORM, reducer)
+    out["clip_counts"] = dict(c.counts)
+    ours = [local_tensor(p.grad).clone() for p in params]
+    for p, s in zip(params, saved):
+        p.grad = s.clone()
+    with count_collectives() as c:
+        torch_total = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+    out["torch_clip_counts"] = dict(c.counts)
+    out["clip"] = (ours_total, full(torch_total), ours, [local_tensor(p.grad).clone() for p in params])
+    return out
+
+
+def s_fsdp2_training(rank: int, world: int):
+    """Several SGD steps with the engine's global clip on FSDP2; returns the full weights."""
+    model = _fsdp_model(_mesh((world,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    names, _ = grads_of(model)
+    reducer = NormReducer(names)
+    totals = []
+    for step in range(CLIP_STEPS):
+        opt.zero_grad()
+        loss_fn(model, *local_batch(step, rank, world)).backward()
+        totals.append(engine_clip_(list(model.parameters()), MAX_NORM, reducer))
+        opt.step()
+    return {"weights": {n: full(p.detach()) for n, p in model.named_parameters()}, "totals": totals}
+
+
+def s_tp(rank: int, world: int):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh((world,))
+    model = parallelize_module(MLP(), mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    loss_fn(model, *batch(0)).backward()  # tensor parallel: the same batch on every rank
+    names, grads = grads_of(model)
+    with count_collectives() as c:
+        norms = full_norms(grads, names=names)
+        total = total_norm(norms)
+    out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "placements": _placements(grads)}
+    with count_collectives() as c:
+        out["rows"] = row_norms(grads)
+    out["row_counts"] = dict(c.counts)
+    return out
+
+
+# --------------------------------------------------------------------------- rank functions (4 ranks)
+
+
+def s_hsdp(rank: int, world: int):
+    mesh = _mesh((2, world // 2), ("replicate", "shard"))
+    model = _fsdp_model(mesh)
+    loss_fn(model, *local_batch(0, rank, world)).backward()
+    names, grads = grads_of(model)
+    with count_collectives() as c:
+        norms = full_norms(grads, names=names)
+        total = total_norm(norms)
+    # what reducing every rank's local sum over all ranks gives (the over-count the engine avoids)
+    naive = torch.stack([local_tensor(g).square().sum() for g in grads])
+    dist.all_reduce(naive)
+    out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "naive": naive.sqrt()}
+    with count_collectives() as c:
+        out["rows"] = row_norms(grads)
+    out["row_counts"] = dict(c.counts)
+    out["torch_total"] = full(torch.nn.utils.get_total_norm(grads))
+    out["placements"] = _placements(grads)
+    return out
+
+
+def s_fsdp_tp(rank: int, world: int):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh((2, world // 2), ("dp", "tp"))
+    model = parallelize_module(MLP(), mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    for m in (model.up, model.down, model.head):
+        fully_shard(m, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank = mesh.get_local_rank("dp")
+    loss_fn(model, *local_batch(0, dp_rank, 2)).backward()
+    names, grads = grads_of(model)
+    with count_collectives() as c:
+        norms = full_norms(grads, names=names)
+        total = total_norm(norms)
+    meshes = {str(g.device_mesh) for g in grads if hasattr(g, "device_mesh")}
+    out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "meshes": len(meshes)}
+    with count_collectives() as c:
+        rows = row_norms(grads)
+    out["rows"] = dict(zip(names, rows))
+    out["row_counts"] = dict(c.counts)
+    out["placements"] = _placements(grads)
+    return out
+
+
+TWO = [s_engine, s_rows, s_mixed_meshes, s_pipeline, s_ddp, s_fsdp2, s_fsdp2_training, s_tp]
+FOUR = [s_hsdp, s_fsdp_tp]
+
+
+@pytest.fixture(scope="module")
+def two():
+    return run_scenarios(TWO, 2)
+
+
+@pytest.fixture(scope="module")
+def four():
+    return run_scenarios(FOUR, 4)
+
+
+def close(a, b, rtol=1e-5, atol=1e-7):
+    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
+
+
+def ref_norms(fulls, p):
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    return torch.stack([zero if f is None else torch.linalg.vector_norm(f.double(), p) for f in fulls])
+
+
+def identical_on_all_ranks(values):
+    for v in values[1:]:
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(values[0])), (v, values[0])
+
+
+def check_engine(res: list[dict], names_ref: dict[str, torch.Tensor]):
+    """Norms equal the single-process reference within 1e-5, bit-identical across ranks."""
+    ref, ref_total = reference_norms(names_ref)
+    for r in res:
+        assert r["names"] == list(names_ref)
+        close(r["norms"], ref)
+        close(r["total"], ref_total)
+    identical_on_all_ranks([r["norms"] for r in res])
+    identical_on_all_ranks([r["total"] for r in res])
+
+
+# --------------------------------------------------------------------------- tests: one process
+
+
+def test_plain_tensors_match_torch_without_collectives():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 3, generator=g), None, torch.randn(4, generator=g, dtype=torch.float64)]
+    for p in P_TYPES:
+        with count_collectives() as c:
+            got = full_norms(ts, p)
+        ref = torch.stack([torch.linalg.vector_norm(t.double(), p) if t is not None else torch.tensor(0.0) for t in ts])
+        assert got.dtype == torch.float64
+        close(got, ref, rtol=1e-6)  # float32 tensors are reduced in float32
+        close(total_norm(got, p), torch.linalg.vector_norm(ref, p), rtol=1e-6)
+        assert c.total == 0
+
+
+def test_half_precision_is_accumulated_in_float32():
+    t = torch.randn(1000).to(torch.bfloat16)
+    got = full_norms([t])
+    assert got.dtype == torch.float32
+    close(got[0], torch.linalg.vector_norm(t.double()), rtol=1e-6)
+
+
+def test_row_norms_plain_match_loop():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, 2, generator=g), torch.randn(4, generator=g)
+    rows, whole = row_norms([w, b])
+    close(rows, torch.stack([torch.linalg.vector_norm(w[i]) for i in range(4)]), rtol=1e-6)
+    close(whole, torch.linalg.vector_norm(b), rtol=1e-6)
+
+
+def test_scale_per_tensor_and_global():
+    a, b = torch.ones(2), torch.ones(3)
+    scale_([a, None, b], torch.tensor([0.5, 9.0, 2.0]))
+    assert a.tolist() == [0.5, 0.5] and b.tolist() == [2.0, 2.0, 2.0]
+    scale_([a, b], torch.tensor(2.0))
+    assert a.tolist() == [1.0, 1.0] and b.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"process_group must be None, a torch\.distributed\.ProcessGroup"):
+        NormReducer(process_group="world")
+    with pytest.raises(TypeError, match="my_group"):
+        check_process_group(0, "my_group")
+    with pytest.raises(ValueError, match="norm_type"):
+        full_norms([torch.ones(1)], norm_type=0.0)
+    with pytest.raises(ValueError, match="norm_type"):
+        row_norms([torch.ones(1)], norm_type=float("nan"))
+
+
+def test_single_process_helpers():
+    lin = nn.Linear(2, 2)
+    assert not is_ddp(lin) and unwrap_ddp(lin) is lin
+    assert (get_rank(), get_world_size()) == (0, 1)
+    assert rank_path("a/run.jsonl", 2) == "a/run.rank2.jsonl"
+
+
+# --------------------------------------------------------------------------- tests: 2 ranks
+
+
+def test_engine_every_placement_and_norm_type(two):
+    res = result_of(two, "s_engine")
+    fulls = res[0]["fulls"]
+    for p in P_TYPES:
+        ref = ref_norms(fulls, p)
+        for r in res:
+            norms, total = r["norms"][p]
+            close(norms, ref)
+            close(total, torch.linalg.vector_norm(ref, p))
+        identical_on_all_ranks([r["norms"][p][0] for r in res])
+        # one all-reduce for the mesh + one per Partial kind (sum, avg): no gather, nothing else
+        counts, reported = res[0]["counts"][p]
+        assert counts == {"all_reduce": 3} and reported == 3
+    for r in res:
+        assert r["no_partial_counts"] == ({"all_reduce": 1}, 1)
+        close(r["no_partial"], ref_norms(fulls[:6], 2.0))
+        # a replicated copy that does not contribute must not turn inf into NaN (inf * 0)
+        norms, (rows_inf, rows_nan) = r["non_finite"]
+        assert norms[0].isposinf() and norms[1].isnan()
+        assert rows_inf.isposinf() and rows_nan.isnan()
+
+
+def test_row_norms_local_for_shard0_reduced_for_shard1(two):
+    for r in result_of(two, "s_rows"):
+        shard0, shard1, repl, vec, part = r["fulls"]
+        rows = r["rows"]
+        ref0 = torch.linalg.vector_norm(shard0, dim=1).chunk(2)[r["rank"]]  # this rank's rows of Shard(0)
+        close(rows[0], ref0, rtol=1e-6)
+        close(rows[1], torch.linalg.vector_norm(shard1, dim=1), rtol=1e-6)  # full rows of a Shard(1) tensor
+        close(rows[2], torch.linalg.vector_norm(repl), rtol=1e-6)  # 1-D: the whole tensor is the unit
+        close(rows[3], torch.linalg.vector_norm(vec), rtol=1e-6)
+        close(rows[4], torch.linalg.vector_norm(part, dim=1), rtol=1e-6)
+        # one all-reduce for the Shard(1) rows and the sharded vector together, one to resolve the Partial
+        assert r["counts"] == {"all_reduce": 2}
+
+
+def test_mixed_meshes_need_an_override(two):
+    for rank, r in enumerate(result_of(two, "s_mixed_meshes")):
+        assert "'stage.weight'" in r["err"] and "enc.weight" in r["err"] and "process_group=" in r["err"]
+        assert r["mesh"] in r["err"]
+        close(r["norms"], [math.sqrt(14.0), math.sqrt(3.0) * (rank + 1)], rtol=1e-6)
+        assert "process_group must be" in r["type_err"]
+
+
+def test_pipeline_override_combines_stages(two):
+    ref = reference_grads(0)
+    res = result_of(two, "s_pipeline")
+    assert sorted(n for r in res for n in r["mine"]) == sorted(ref)
+    for p in (2.0, math.inf):
+        _, ref_total = reference_norms(ref, p)
+        for r in res:
+            close(r[p], ref_total)
+            assert r[("counts", p)] == {"all_reduce": 1}
+    for r in res:
+        close(r["mesh_group"], reference_norms(ref)[1])
+
+
+def test_ddp_no_sync_accumulation(two):
+    res = result_of(two, "s_ddp")
+    check_engine(res, reference_grads(0))
+    for r in res:
+        assert r["counts"] == {}  # DDP gradients are already averaged: nothing to reduce
+        assert r["is_ddp"] == (True, False)
+
+
+def test_fsdp2_full_norms_one_all_reduce(two):
+    res = result_of(two, "s_fsdp2")
+    check_engine(res, reference_grads(0))
+    for r in res:
+        assert all("Shard(dim=0)" in p for p in r["placements"]), r["placements"]
+        assert r["counts"] == {"all_reduce": 1}
+
+
+def test_fsdp2_row_norms(two):
+    ref = reference_grads(0)
+    weights = dict(MLP().named_parameters())
+    for rank, r in enumerate(result_of(two, "s_fsdp2")):
+        P = len(ref)
+        for i, name in enumerate(ref):
+            for rows, full_t in ((r["rows"][i], ref[name]), (r["rows"][P + i], weights[name].detach())):
+                if full_t.ndim >= 2:  # Shard(0): this rank's rows, full row norms
+                    expect = torch.linalg.vector_norm(full_t, dim=1).chunk(2)[rank]
+                else:
+                    expect = torch.linalg.vector_norm(full_t)
+                close(rows, expect)
+        assert r["row_counts"] == {"all_reduce": 1}  # only the biases' whole-tensor norms
+
+
+def test_fsdp2_global_clip_matches_clip_grad_norm(two):
+    _, ref_total = reference_norms(reference_grads(0))
+    assert ref_total > MAX_NORM  # the clip binds
+    for r in result_of(two, "s_fsdp2"):
+        ours_total, torch_total, ours, theirs = r["clip"]
+        close(ours_total, torch_total, rtol=1e-6)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        assert r["clip_counts"] == {"all_reduce": 1}
+        assert r["torch_clip_counts"].get("all_gather", 0) == 0
+
+
+def test_fsdp2_clipped_training_matches_reference(two):
+    ref = reference_clipped_training(CLIP_STEPS, MAX_NORM)
+    res = result_of(two, "s_fsdp2_training")
+    for r in res:
+        assert all(t > MAX_NORM for t in r["totals"])  # clipped at every step
+        for name, w in ref.items():
+            torch.testing.assert_close(r["weights"][name], w, rtol=1e-5, atol=1e-6)
+    for name in ref:
+        identical_on_all_ranks([r["weights"][name] for r in res])
+
+
+def test_tensor_parallel(two):
+    res = result_of(two, "s_tp")
+    ref = reference_grads(0)
+    check_engine(res, ref)
+    for rank, r in enumerate(res):
+        assert r["counts"] == {"all_reduce": 1}
+        rows = dict(zip(r["names"], r["rows"]))
+        # up.weight is Shard(0): this rank's rows; down.weight is Shard(1): rows reduced across the mesh
+        close(rows["up.weight"], torch.linalg.vector_norm(ref["up.weight"], dim=1).chunk(2)[rank])
+        close(rows["down.weight"], torch.linalg.vector_norm(ref["down.weight"], dim=1))
+        close(rows["head.weight"], torch.linalg.vector_norm(ref["head.weight"], dim=1))
+        assert r["row_counts"] == {"all_reduce": 1}
+
+
+# --------------------------------------------------------------------------- tests: 4 ranks
+
+
+def test_hsdp_2x2_no_over_count(four):
+    res = result_of(four, "s_hsdp")
+    ref = reference_grads(0)
+    check_engine(res, ref)
+    rnorms, ref_total = reference_norms(ref)
+    for r in res:
+        assert r["counts"] == {"all_reduce": 1}
+        close(r["torch_total"], ref_total)
+        close(r["naive"], rnorms * math.sqrt(2))  # what summing over the replicate dim would record
+        assert all("Replicate()" in p and "Shard(dim=0)" in p for p in r["placements"]), r["placements"]
+    for rank, r in enumerate(res):
+        shard = rank % 2  # mesh (replicate, shard): the shard coordinate
+        for (
+            name,
+            rows,
+        ) in zip(r["names"], r["rows"]):
+            g = ref[name]
+            expect = torch.linalg.vector_norm(g, dim=1).chunk(2)[shard] if g.ndim >= 2 else torch.linalg.vector_norm(g)
+            close(rows, expect)
+
+
+def test_fsdp2_with_tensor_parallel(four):
+    res = result_of(four, "s_fsdp_tp")
+    ref = reference_grads(0)
+    check_engine(res, ref)
+    for r in res:
+        assert r["counts"] == {"all_reduce": r["meshes"]} and r["meshes"] <= 2, (r["counts"], r["placements"])
+    for rank, r in enumerate(res):
+        # down.weight is (Shard(0) on dp, Shard(1) on tp): this dp rank's rows, reduced over tp
+        dp = rank // 2
+        close(r["rows"]["down.weight"], torch.linalg.vector_norm(ref["down.weight"], dim=1).chunk(2)[dp])
+        close(r["rows"]["down.bias"], torch.linalg.vector_norm(ref["down.bias"]))
+        close(r["rows"]["up.bias"], torch.linalg.vector_norm(ref["up.bias"]))
+        # whole-tensor units of the 2-D mesh share one all-reduce; tp rows one; the dp-mesh head bias one
+        assert r["row_counts"] == {"all_reduce": 3}

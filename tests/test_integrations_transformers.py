@@ -1,0 +1,137 @@
+"""GradWatchCallback for the Hugging Face Trainer, against the Trainer's own numbers: its logged
+``grad_norm`` (pre-clip), its ``max_grad_norm`` clipping, an uninterrupted run."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+import gradwatch as gw
+from gradwatch.integrations.transformers import STATE_FILE, GradWatchCallback
+
+hf_logging.set_verbosity_error()
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Synthetic token sequences (no download): next-token prediction on random ids."""
+
+    def __init__(self, n: int = 32, length: int = 16, vocab: int = 128, seed: int = 0) -> None:
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def train(tmp_path, cb, *, model=None, resume=None, **kw) -> Trainer:
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=1,
+        learning_rate=3e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    args.update(kw)
+    trainer = Trainer(
+        model=model if model is not None else tiny_gpt2(),
+        args=TrainingArguments(**args),
+        train_dataset=Tokens(),
+        callbacks=[] if cb is None else [cb],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def logged(trainer: Trainer, key: str) -> np.ndarray:
+    return np.array([row[key] for row in trainer.state.log_history if key in row])
+
+
+def test_pre_clip_norm_equals_the_trainers_logged_grad_norm(tmp_path):
+    """Accumulation 2, the Trainer clips at 0.5: one row per optimizer step, total == the Trainer's grad_norm."""
+    cb = GradWatchCallback()
+    trainer = train(tmp_path, cb, max_grad_norm=0.5)
+    h = cb.history
+    assert trainer.state.global_step == 4 and len(h) == 4
+    np.testing.assert_array_equal(h.steps, np.arange(4))
+    theirs = logged(trainer, "grad_norm")
+    assert len(theirs) == 4 and (theirs > 0.5).all()  # the Trainer's clipping binds at every step
+    np.testing.assert_allclose(h.total, theirs, rtol=1e-6)
+    np.testing.assert_allclose(logged(trainer, "grad_norm/total"), theirs, rtol=1e-6)  # through its own logs
+    np.testing.assert_allclose(logged(trainer, "grad_norm/transformer"), h.grouped(1)["transformer"], rtol=1e-6)
+    assert "grad_norm/total_clipped" not in trainer.state.log_history[0]  # no gradwatch clipper
+
+
+def test_callback_clipper_equals_the_trainers_max_grad_norm(tmp_path):
+    bound = 0.5
+    ours, theirs = tiny_gpt2(), tiny_gpt2()
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(bound))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # max_grad_norm=0: nothing to warn about
+        t_ours = train(tmp_path / "a", cb, model=ours, max_grad_norm=0.0)
+    rec = GradWatchCallback()
+    t_theirs = train(tmp_path / "b", rec, model=theirs, max_grad_norm=bound)
+    h = cb.history
+    assert (h.clip_coef < 1).all()
+    np.testing.assert_allclose(h.total, rec.history.total, rtol=1e-5)
+    np.testing.assert_allclose(h.total, logged(t_ours, "grad_norm"), rtol=1e-6)
+    np.testing.assert_allclose(logged(t_ours, "grad_norm/total_clipped"), bound, rtol=1e-5)
+    np.testing.assert_allclose(logged(t_ours, "grad_norm"), logged(t_theirs, "grad_norm"), rtol=1e-5)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_warns_when_the_trainer_clips_too(tmp_path):
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(1.0))
+    with pytest.warns(UserWarning, match="max_grad_norm"):
+        train(tmp_path, cb, max_steps=1, max_grad_norm=1.0)
+    assert len(cb.history) == 1
+
+
+def test_resume_from_checkpoint_continues_autoclip_exactly(tmp_path):
+    full = GradWatchCallback(clipper=gw.AutoClip(percentile=25.0))
+    model_a = tiny_gpt2()
+    train(tmp_path, full, model=model_a, max_grad_norm=0.0, save_strategy="steps", save_steps=2)
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / STATE_FILE).is_file()
+    resumed = GradWatchCallback(clipper=gw.AutoClip(percentile=25.0))
+    model_b = tiny_gpt2(seed=1)  # other weights: everything comes from the checkpoint
+    train(tmp_path / "b", resumed, model=model_b, resume=str(ckpt), max_grad_norm=0.0)
+    a, b = full.history, resumed.history
+    np.testing.assert_array_equal(b.steps, [2, 3])
+    for col in ("total", "total_clipped", "clip_threshold"):
+        np.testing.assert_allclose(getattr(b, col), getattr(a, col)[2:], rtol=1e-5, err_msg=col)
+    # AutoClip's bound is numpy's percentile of every norm so far, those before the checkpoint included
+    np.testing.assert_allclose(b.clip_threshold, [np.percentile(a.total[: i + 1], 25.0) for i in (2, 3)], rtol=1e-5)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(TypeError, match="clipper"):
+        GradWatchCallback(clipper="global")
+    with pytest.raises(ValueError, match="every"):
+        GradWatchCallback(every=0)
+    with pytest.raises(RuntimeError, match="no train"):
+        GradWatchCallback().history

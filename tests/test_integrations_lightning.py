@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +251,18 @@ def test_argument_errors_name_the_argument():
         GradWatchCallback(log_prefix=None)
     with pytest.raises(RuntimeError, match="no fit"):
         GradWatchCallback().history
+
+
+def test_example_script_runs_and_writes_its_plot(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "lightning_autoclip.py"
+    spec = importlib.util.spec_from_file_location("lightning_autoclip", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    png = example.main(["--out", str(tmp_path), "--steps", "16"])
+    assert png.is_file() and png.stat().st_size > 10_000
+    h = gw.History.load(tmp_path / "lightning_history.npz")
+    assert len(h) == 16 and h.clip_fraction > 0
+    assert {e.step for e in h.events_of("spike")} >= {7, 15}  # the bad batches (every 8th step)
+    assert "recorded 16 optimizer steps" in capsys.readouterr().out
+    with open(tmp_path / "lightning" / "version_0" / "metrics.csv") as f:
+        assert "grad_norm/total_clipped" in next(csv.reader(f))

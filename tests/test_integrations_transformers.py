@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +137,18 @@ def test_argument_errors_name_the_argument():
         GradWatchCallback(every=0)
     with pytest.raises(RuntimeError, match="no train"):
         GradWatchCallback().history
+
+
+def test_example_script_runs_and_writes_its_plot(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "transformers_gpt2.py"
+    spec = importlib.util.spec_from_file_location("transformers_gpt2", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    png = example.main(["--out", str(tmp_path), "--steps", "6"])
+    assert png.is_file() and png.stat().st_size > 10_000
+    h = gw.History.load(tmp_path / "gpt2_history.npz")
+    assert len(h) == 6 and np.isfinite(h.total).all()
+    out = capsys.readouterr().out
+    assert "recorded 6 optimizer steps" in out
+    rel = float(out.split("grad_norm: ")[1].split()[0])
+    assert rel <= 1e-6

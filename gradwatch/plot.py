@@ -1,8 +1,14 @@
 """Matplotlib figures of a History; every function returns the Axes and accepts ``ax=``.
 
-matplotlib is imported only when a function is called (``pip install
-"gradwatch[plot]"``). The functions draw on whatever backend is active and
-never call ``plt.show()``; they work headless with the Agg backend.
+matplotlib is imported only when a function is called (install it with
+``pip install matplotlib``, or the ``plot`` extra from a clone of gradwatch:
+``pip install -e ".[plot]"``). The functions draw on whatever backend is
+active and never call ``plt.show()``; they work headless with the Agg backend.
+
+On a log axis, exact zeros (a gradient that is exactly 0, e.g. no gradient
+reaching an early RNN state) cannot be drawn; these functions draw them one
+decade below the smallest positive value with an open triangle marker, and the
+legend says so.
 """
 
 from __future__ import annotations
@@ -12,11 +18,19 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch._validate import check_choice
 from gradwatch.history import History
 
 __all__ = ["plot_clipping", "plot_compare", "plot_heatmap", "plot_norms", "plot_taps"]
 
-_INSTALL = 'gradwatch plotting needs matplotlib: pip install "gradwatch[plot]" (or pip install matplotlib)'
+_INSTALL = (
+    "gradwatch plotting needs matplotlib: pip install matplotlib "
+    '(the "gradwatch[plot]" extra; from a clone of gradwatch: pip install -e ".[plot]")'
+)
+#: Marker of each detector kind in :func:`plot_norms` (others: ``"o"``).
+_EVENT_MARKERS = {"vanishing": "v", "spike": "^", "threshold": "x", "nonfinite": "X", "amp_overflow": "D"}
+#: More legend entries than this and the legend moves outside the axes, to the right.
+_LEGEND_INSIDE_MAX = 8
 
 
 def _pyplot():
@@ -35,16 +49,66 @@ def _axes(ax):
     return ax
 
 
-def _finish(ax: Any, log: bool, ylabel: str = "gradient L2 norm", xlabel: str | None = "step") -> Any:
-    """The common dressing of a line plot: scale, labels, legend, grid."""
+def _finish(
+    ax: Any, log: bool, ylabel: str = "gradient L2 norm", xlabel: str | None = "step", extra: Sequence[Any] = ()
+) -> Any:
+    """The common dressing of a line plot: scale, labels, legend, grid.
+
+    ``extra`` are legend-only handles (line styles, marker kinds) that are not
+    drawn on the axes. A legend with more than ``_LEGEND_INSIDE_MAX`` entries
+    goes outside the axes (to the right) so that it never covers the data.
+    """
     if log:
         ax.set_yscale("log")
     if xlabel:
         ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    handles, labels = [*handles, *extra], [*labels, *(h.get_label() for h in extra)]
+    if len(handles) > _LEGEND_INSIDE_MAX:
+        ax.legend(handles, labels, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif handles:
+        ax.legend(handles, labels, fontsize="small")
     ax.grid(True, alpha=0.3)
     return ax
+
+
+def _zero_floor(series: Iterable[np.ndarray]) -> float | None:
+    """Where to draw exact zeros on a log axis: one decade below the smallest positive value.
+
+    Returns None when no series holds an exact zero. Series that hold only
+    zeros are drawn at ``1e-12`` (below any gradient norm of interest).
+    """
+    series = [np.asarray(y, dtype=float) for y in series]
+    if not any((y == 0).any() for y in series):
+        return None
+    pos = np.concatenate([y[np.isfinite(y) & (y > 0)] for y in series]) if series else np.zeros(0)
+    if not pos.size:
+        return 1e-12
+    return float(10.0 ** (np.floor(np.log10(pos.min())) - 1))
+
+
+def _draw_zeros(ax: Any, x: np.ndarray, y: np.ndarray, floor: float | None, color: Any) -> np.ndarray:
+    """Replace exact zeros of ``y`` by ``floor`` and mark them; returns the values to draw."""
+    if floor is None:
+        return y
+    zero = y == 0
+    if zero.any():
+        ax.scatter(x[zero], np.full(int(zero.sum()), floor), marker="v", facecolors="none", edgecolors=color, zorder=3)
+    return np.where(zero, floor, y)
+
+
+def _key(label: str, **style: Any) -> Any:
+    """A legend-only handle (not drawn on any axes)."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], label=label, **style)
+
+
+def _zero_key(floor: float | None) -> list[Any]:
+    if floor is None:
+        return []
+    return [_key(f"exactly 0 (drawn at {floor:.0e})", marker="v", linestyle="none", color="gray", fillstyle="none")]
 
 
 def _window(h: History, steps: slice | range | Sequence[int] | None) -> np.ndarray:
@@ -72,10 +136,15 @@ def plot_norms(
     """Gradient norms of chosen parameters over the optimizer steps.
 
     Draws one line per parameter (pre-clip); ``clipped=True`` adds the
-    post-clip norms dashed, and ``events=True`` marks the steps where a
-    detector fired on that parameter. With ``names=["rnn_model.W",
-    "rnn_model.U", "rnn_model.b"]`` and ``steps=range(40)`` it is figure 6.8 of
-    the NNDL textbook.
+    post-clip norms dashed (one legend entry says so), and ``events=True``
+    marks the steps where a detector fired on that parameter, in the
+    parameter's colour, one marker per kind (``v`` vanishing, ``^`` spike,
+    ``x`` threshold, ``X`` non-finite), each kind in the legend. A legend of
+    more than eight entries is placed beside the axes. With ``log=True``, exact
+    zeros are drawn one decade below the smallest positive value and marked.
+    With ``names=["rnn_model.W", "rnn_model.U", "rnn_model.b"]`` and
+    ``steps=range(40)`` it is figure 6.8 of the NNDL textbook (linear axis, as
+    in the book; ``log=True`` shows the small norms).
 
     Args:
         h: the history.
@@ -107,19 +176,34 @@ def plot_norms(
     names = list(names) if names is not None else h.names[:10]
     rows = _window(h, steps)
     x = h.steps[rows]
+    series = {name: h[name][rows] for name in names}
+    clipped_series = {}
+    if clipped:
+        clipped_series = {n: h.norms_clipped[rows, h.names.index(n)] for n in names if n in h.names}
+    floor = _zero_floor([*series.values(), *clipped_series.values()]) if log else None
+    shown = set(x.tolist())
+    kinds: list[str] = []
     for name in names:
-        y = h[name][rows]
-        (line,) = ax.plot(x, y, label=name, linewidth=1.4)
-        if clipped and name in h.names:
-            yc = h.norms_clipped[rows, h.names.index(name)]
-            ax.plot(x, yc, linestyle="--", color=line.get_color(), linewidth=1.0, label=f"{name} (clipped)")
+        y = series[name]
+        (line,) = ax.plot(x, y if floor is None else np.where(y == 0, floor, y), label=name, linewidth=1.4)
+        color = line.get_color()
+        _draw_zeros(ax, x, y, floor, color)
+        if name in clipped_series:
+            yc = _draw_zeros(ax, x, clipped_series[name], floor, color)
+            ax.plot(x, yc, linestyle="--", color=color, linewidth=1.0)
         if events:
-            hits = [e for e in h.events if e.name == name and e.step in set(x.tolist())]
-            if hits:
-                ev_x = [e.step for e in hits]
-                ev_y = [y[np.searchsorted(x, s)] for s in ev_x]
-                ax.scatter(ev_x, np.nan_to_num(ev_y, nan=0.0), marker="x", color=line.get_color(), zorder=3)
-    return _finish(ax, log)
+            for kind in dict.fromkeys(e.kind for e in h.events if e.name == name and e.step in shown):
+                ev_x = np.array([e.step for e in h.events if e.name == name and e.kind == kind and e.step in shown])
+                ev_y = y[np.searchsorted(x, ev_x)]
+                if log:  # a non-positive value would vanish on the log axis
+                    ev_y = np.where(ev_y > 0, ev_y, floor if floor is not None else np.nan)
+                marker = _EVENT_MARKERS.get(kind, "o")
+                ax.scatter(ev_x, np.nan_to_num(ev_y, nan=0.0), marker=marker, color=color, zorder=4, s=30)
+                if kind not in kinds:
+                    kinds.append(kind)
+    extra = [_key("dashed: post-clip", linestyle="--", color="gray", linewidth=1.0)] if clipped_series else []
+    extra += [_key(f"{k} event", marker=_EVENT_MARKERS.get(k, "o"), linestyle="none", color="gray") for k in kinds]
+    return _finish(ax, log, extra=extra + _zero_key(floor))
 
 
 def plot_heatmap(
@@ -169,8 +253,31 @@ def plot_heatmap(
     return ax
 
 
-def plot_clipping(h: History, ax: Any = None, *, log: bool = True) -> Any:
-    """The global norm before and after clipping, the threshold, and where clipping bound.
+def plot_clipping(h: History, ax: Any = None, *, log: bool = True, threshold: str = "auto") -> Any:
+    """The global norm before and after clipping, the clipper's bound, and where clipping bound.
+
+    What ``History.clip_threshold`` holds depends on the clipper: a bound on
+    the global norm for ``ClipByGlobalNorm``, ``AutoClip``, ``ZClip`` and a
+    ``Chain`` of them (drawn as "threshold (global norm)"), but the
+    *per-tensor* bound for ``ClipByNorm`` -- after which the global norm may
+    well lie above it -- and NaN where there is no single bound (``ClipByValue``,
+    ``AGC``). A per-tensor bound is drawn against the largest post-clip tensor
+    norm instead, never as if it bounded the global norm.
+
+    Args:
+        h: the history.
+        ax: an Axes to draw on (default: a new figure).
+        log: log-scale y axis.
+        threshold: how to draw ``clip_threshold``: ``"auto"`` (per-tensor if
+            the clipper is a ``ClipByNorm`` or the post-clip global norm ever
+            exceeds the bound, global otherwise), ``"global"``,
+            ``"per-tensor"``, or ``"none"``.
+
+    Returns:
+        The matplotlib Axes.
+
+    Raises:
+        ValueError: ``threshold`` is not one of the four choices.
 
     Example:
         >>> import matplotlib; matplotlib.use("Agg")
@@ -178,13 +285,27 @@ def plot_clipping(h: History, ax: Any = None, *, log: bool = True) -> Any:
         >>> len(plot_clipping(h).lines)
         2
     """
+    threshold = check_choice(threshold, "threshold", ("auto", "global", "per-tensor", "none"))
     ax = _axes(ax)
     x = h.steps
     ax.plot(x, h.total, label="global norm (pre-clip)", linewidth=1.4)
     ax.plot(x, h.total_clipped, label="global norm (post-clip)", linewidth=1.2)
-    thr = h.clip_threshold
-    if np.isfinite(thr).any():
-        ax.plot(x, thr, linestyle=":", color="black", label="threshold")
+    thr = np.asarray(h.clip_threshold, dtype=float)
+    finite = np.isfinite(thr)
+    if threshold != "none" and finite.any():
+        if threshold == "auto":
+            clipper = str(h.meta.get("clipper") or "")
+            post = np.asarray(h.total_clipped, dtype=float)
+            both = finite & np.isfinite(post)
+            exceeds = bool((post[both] > thr[both] * (1 + 1e-5) + 1e-12).any())
+            threshold = "per-tensor" if clipper.startswith("ClipByNorm(") or exceeds else "global"
+        if threshold == "global":
+            ax.plot(x, thr, linestyle=":", color="black", label="threshold (global norm)")
+        else:
+            ax.plot(
+                x, h.norms_clipped.max(axis=1), linewidth=1.0, color="tab:green", label="largest tensor (post-clip)"
+            )
+            ax.plot(x, thr, linestyle=":", color="black", label="per-tensor bound (not a bound on the global norm)")
     bound = h.clip_coef < 1
     if bound.any():
         ax.scatter(
@@ -237,6 +358,10 @@ def plot_taps(
 ) -> Any:
     """Gradient norms of tapped tensors (e.g. ``‖∂L/∂h_t‖`` over t), one line per step.
 
+    On a log axis, exact zeros (no gradient at all reached that tensor) are
+    drawn one decade below the smallest positive value, marked with open
+    triangles, and named in the legend.
+
     Args:
         h: a history with taps (:meth:`GradWatch.tap`).
         steps: the steps to draw (default: every step with taps, at most 6).
@@ -259,8 +384,11 @@ def plot_taps(
     if steps is None:
         rows = rows[np.linspace(0, len(rows) - 1, min(6, len(rows))).round().astype(int)] if len(rows) else rows
     x = np.arange(1, len(names) + 1)
+    floor = _zero_floor([taps[r] for r in rows]) if log else None
     for r in rows:
-        ax.plot(x, taps[r], marker="o", markersize=3, label=f"step {h.steps[r]}")
+        (line,) = ax.plot(x, taps[r], marker="o", markersize=3, label=f"step {h.steps[r]}")
+        if floor is not None:
+            line.set_ydata(_draw_zeros(ax, x, taps[r], floor, line.get_color()))
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize="x-small", rotation=90 if len(names) > 12 else 0)
-    return _finish(ax, log, xlabel=None)
+    return _finish(ax, log, xlabel=None, extra=_zero_key(floor))

@@ -15,8 +15,12 @@ def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]
             iterable of tensors, or a single tensor.
         argname: the argument's name, for error messages.
 
+    Names of wrapped modules drop the wrappers' parts (``torch.compile``'s
+    ``_orig_mod.``), so a compiled model is named like the eager one.
+
     Raises:
         TypeError: ``obj`` is none of the above.
+        ValueError: two parameters share a name.
     """
     if isinstance(obj, nn.Module):
         pairs: list[tuple[str, Tensor]] = list(obj.named_parameters())
@@ -47,6 +51,26 @@ def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        names.append(name)
+        names.append(clean_name(name))
         params.append(p)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"{argname} has several parameters named {', '.join(map(repr, repeated[:5]))}; names must be unique "
+            "(prefix them, e.g. [('enc.' + n, p) for n, p in enc.named_parameters()])"
+        )
     return names, params
+
+
+#: what ``torch.compile`` (``_orig_mod``) and activation checkpointing wrappers put into parameter names
+_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the eager, unwrapped model names it.
+
+    Example:
+        >>> clean_name("_orig_mod.encoder.0.weight")
+        'encoder.0.weight'
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)

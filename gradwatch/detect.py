@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch._validate import check_bool, check_callable_or_choice, check_float, check_int, check_names
+
 __all__ = [
     "Detector",
     "Event",
@@ -93,20 +95,8 @@ class GradientWarning(UserWarning):
     """The warning category of ``action="warn"`` (filter it with :mod:`warnings`)."""
 
 
-def check_action(action: Action) -> Action:
-    """Validate an action: one of :data:`ACTIONS` or a callable."""
-    if callable(action) or action in ACTIONS:
-        return action
-    raise ValueError(
-        f"action must be one of {', '.join(map(repr, ACTIONS))} or a callable taking an Event, got {action!r}"
-    )
-
-
 def _positive(value: float, argname: str) -> float:
-    v = float(value)
-    if not v > 0 or math.isinf(v):
-        raise ValueError(f"{argname} must be a finite number > 0, got {value!r}")
-    return v
+    return check_float(value, argname, min=0, min_open=True)
 
 
 def _resolve(patterns: Sequence[str], names: Sequence[str], argname: str) -> list[int]:
@@ -144,7 +134,7 @@ class Record:
         step: optimizer step index.
         norms: ``[P]`` pre-clip norms (numpy).
         total: the global norm.
-        slots: the values this detector's :meth:`Detector.observe` returned.
+        values: this detector's declared columns (:meth:`Detector.columns`) for this row.
         missing: ``[P]`` bool, True where the gradient was None.
         order: parameter indices in the order their gradients became ready.
     """
@@ -152,7 +142,7 @@ class Record:
     step: int
     norms: np.ndarray
     total: float
-    slots: np.ndarray
+    values: dict[str, np.ndarray]
     missing: np.ndarray
     order: Sequence[int]
 
@@ -160,49 +150,77 @@ class Record:
 class Detector:
     """Base class of the detectors.
 
-    Subclasses set :attr:`kind`, and implement :meth:`observe` (device, every
-    observed step) and :meth:`events` (host, at the flush).
+    A subclass sets :attr:`kind`, declares the per-step values it keeps
+    (:meth:`columns`), and implements :meth:`observe` (device, every observed
+    step) and :meth:`events` (host, at the flush). The watch reserves the
+    declared columns in its device row once, writes what :meth:`observe`
+    returns into them, and hands them back in :attr:`Record.values`.
 
     Args:
         action: ``"warn"``, ``"raise"``, ``"skip"``, ``"ignore"`` or a callable
             taking the :class:`Event`.
+
+    Raises:
+        ValueError: an unknown action.
     """
 
     kind = "anomaly"
 
     def __init__(self, action: Action = "warn") -> None:
-        self.action = check_action(action)
+        self.action = check_callable_or_choice(action, "action", ACTIONS)
         self.names: list[str] = []
+        self.amp = False
 
     @property
     def needs_flag(self) -> bool:
         """Whether the step must know at once if this detector fired."""
         return self.action in ("raise", "skip")
 
-    def bind(self, names: Sequence[str]) -> None:
-        """Called once with the watched parameter names."""
+    def bind(self, names: Sequence[str], *, amp: bool = False) -> None:
+        """Called once with the watched parameter names (and whether a GradScaler is used)."""
         self.names = list(names)
+        self.amp = amp
 
-    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+    def columns(self) -> dict[str, int]:
+        """The values kept per step for :meth:`events`: ``{column: width}`` (after :meth:`bind`)."""
+        return {}
+
+    def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
         """Update state on the device.
 
         Returns:
-            ``(slots, fired)``: a 1-D tensor of values to keep for :meth:`events`
-            (or None), and a 0-d bool tensor, True when the detector fired (only
-            needed when :attr:`needs_flag`; may be None otherwise).
+            ``(values, fired)``: a tensor for each declared column (``width``
+            elements), and a 0-d bool tensor, True when the detector fired
+            (only needed when :attr:`needs_flag`; may be None otherwise).
         """
-        return None, None
+        return {}, None
 
     def events(self, rec: Record) -> list[Event]:
         """The events of one recorded step."""
         return []
 
+    def _config(self) -> dict[str, Any]:
+        """What a saved state must agree with to be loaded (class, sizes)."""
+        return {"class": type(self).__name__}
+
     def state_dict(self) -> dict[str, Any]:
-        """Device state to checkpoint (empty for stateless detectors)."""
-        return {}
+        """Device state to checkpoint, with the configuration it belongs to."""
+        return {"config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state belongs to a differently configured detector.
+        """
+        theirs = state.get("config") if isinstance(state, dict) else None
+        mine = self._config()
+        if theirs is not None and theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state was saved by a detector configured "
+                f"differently ({', '.join(f'{k}: saved {theirs.get(k)!r}, here {mine.get(k)!r}' for k in diff)})"
+            )
 
     def reset(self) -> None:
         """Forget all state."""
@@ -216,8 +234,9 @@ class NonFinite(Detector):
 
     Emits one event per offending parameter, in the order their gradients
     became ready during backward, so the first event names the parameter where
-    the non-finite value entered the backward pass. With a ``GradScaler`` the
-    events are labelled ``"amp_overflow"`` and left to the scaler.
+    the non-finite value entered the backward pass. With a ``GradScaler``
+    non-finite steps are overflows that the scaler skips: the watch labels them
+    ``"amp_overflow"`` and this detector stays silent.
 
     Example:
         >>> NonFinite(action="skip")
@@ -226,12 +245,14 @@ class NonFinite(Detector):
 
     kind = "nonfinite"
 
-    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
-        if not self.needs_flag:
-            return None, None
-        return None, ~torch.isfinite(obs.total)
+    def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
+        if not self.needs_flag or self.amp:
+            return {}, None
+        return {}, ~torch.isfinite(obs.total)
 
     def events(self, rec: Record) -> list[Event]:
+        if self.amp:
+            return []
         bad = ~np.isfinite(rec.norms)
         if not bad.any():
             if math.isfinite(rec.total):
@@ -252,6 +273,7 @@ class Threshold(Detector):
         action: see :class:`Detector`.
 
     Raises:
+        TypeError: ``names`` is not a string or a list of strings.
         ValueError: ``max_norm`` not positive, or a name matching no parameter.
 
     Example:
@@ -264,25 +286,27 @@ class Threshold(Detector):
     def __init__(self, max_norm: float, names: Sequence[str] | None = None, action: Action = "warn") -> None:
         super().__init__(action)
         self.max_norm = _positive(max_norm, "max_norm")
-        self.patterns = None if names is None else [names] if isinstance(names, str) else list(names)
+        patterns = check_names(names, "names", allow_none=True)
+        self.patterns = None if patterns is None else list(patterns)
         self._idx: list[int] = []
+        self._idx_t: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Threshold(max_norm={self.max_norm!r}, names={self.patterns!r}, action={self.action!r})"
 
-    def bind(self, names: Sequence[str]) -> None:
-        super().bind(names)
+    def bind(self, names: Sequence[str], *, amp: bool = False) -> None:
+        super().bind(names, amp=amp)
         self._idx = [] if self.patterns is None else _resolve(self.patterns, names, "names")
-        self._idx_t: Tensor | None = None
+        self._idx_t = None
 
-    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+    def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
         if not self.needs_flag:
-            return None, None
+            return {}, None
         if self.patterns is None:
-            return None, obs.total > self.max_norm
+            return {}, obs.total > self.max_norm
         if self._idx_t is None or self._idx_t.device != obs.norms.device:
             self._idx_t = torch.tensor(self._idx, device=obs.norms.device)
-        return None, (obs.norms.index_select(0, self._idx_t) > self.max_norm).any()
+        return {}, (obs.norms.index_select(0, self._idx_t) > self.max_norm).any()
 
     def events(self, rec: Record) -> list[Event]:
         if self.patterns is None:
@@ -299,23 +323,28 @@ class Threshold(Detector):
 class Spike(Detector):
     r"""A norm far above its running mean (EMA z-score).
 
-    The first ``warmup_steps`` observed steps estimate mean and variance; after
-    that each step fires when
+    Each watched value (the global norm, and with ``per_param`` each
+    parameter's norm) first collects ``warmup_steps`` *finite* observations,
+    which estimate its mean and variance; after that each step fires when
 
     .. math:: x > \mu + z_t(\sigma + \epsilon)
 
     and updates the EMA (factor ``alpha``) with the value capped at that
     threshold, so one spike does not inflate the statistics that judge the
-    next steps. Non-finite values are left out (that is :class:`NonFinite`'s job).
+    next steps. Non-finite values are left out entirely (that is
+    :class:`NonFinite`'s job): a warm-up that saw only NaN is still warming
+    up, and never fires. A missing gradient (recorded as 0) is no observation.
 
     Args:
         alpha: EMA factor in (0, 1).
         z_thresh: z-score that counts as a spike, > 0.
-        warmup_steps: observed steps before the detector may fire, >= 1.
+        warmup_steps: finite observations before a value may fire, >= 1.
         per_param: also watch each parameter's norm, not only the global one.
         action: see :class:`Detector`.
+        eps: added to :math:`\sigma`, >= 0.
 
     Raises:
+        TypeError: ``warmup_steps`` not an integer, ``per_param`` not a bool.
         ValueError: an argument outside its range.
 
     Example:
@@ -335,15 +364,11 @@ class Spike(Detector):
         eps: float = 1e-12,
     ) -> None:
         super().__init__(action)
-        if not 0 < float(alpha) < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if int(warmup_steps) != warmup_steps or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_float(alpha, "alpha", min=0, max=1, min_open=True, max_open=True)
         self.z_thresh = _positive(z_thresh, "z_thresh")
-        self.warmup_steps = int(warmup_steps)
-        self.per_param = bool(per_param)
-        self.eps = float(eps)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", min=1)
+        self.per_param = check_bool(per_param, "per_param")
+        self.eps = check_float(eps, "eps", min=0)
         self.reset()
 
     def __repr__(self) -> str:
@@ -352,57 +377,77 @@ class Spike(Detector):
             f"per_param={self.per_param!r}, action={self.action!r})"
         )
 
+    def _width(self) -> int:
+        return 1 + (len(self.names) if self.per_param else 0)
+
+    def columns(self) -> dict[str, int]:
+        return {"threshold": self._width()}
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "values": self._width()}
+
     def reset(self) -> None:
         self._state: dict[str, Tensor] | None = None
-        self._count = 0
+        self._missing_idx: dict[tuple[int, ...], Tensor] = {}
 
-    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
+    def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
         x = obs.total.reshape(1)
         if self.per_param:
             x = torch.cat([x, obs.norms.to(x)])
         x = x.to(torch.float64)
+        if self.per_param and obs.missing:  # a missing gradient is no observation
+            key = tuple(obs.missing)
+            if key not in self._missing_idx:
+                self._missing_idx[key] = torch.tensor([1 + i for i in key], device=x.device)
+            x = x.index_fill(0, self._missing_idx[key], math.nan)
         if self._state is None:
             z = torch.zeros_like(x)
-            self._state = {"n": z.clone(), "mean": z.clone(), "var": z.clone()}
+            self._state = {"n": z, "mean": z.clone(), "var": z.clone()}  # var holds M2 while warming up
         s = self._state
         finite = torch.isfinite(x)
-        if self._count < self.warmup_steps:  # Welford over the warm-up steps
-            n = s["n"] + finite
-            delta = torch.where(finite, x - s["mean"], 0.0)
-            s["mean"] = s["mean"] + delta / n.clamp(min=1)
-            s["var"] = s["var"] + torch.where(finite, delta * (x - s["mean"]), 0.0)  # M2 for now
-            s["n"] = n
-            if self._count == self.warmup_steps - 1:
-                s["var"] = s["var"] / n.clamp(min=1)
-            thr = torch.full_like(x, math.inf)
-        else:
-            thr = s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps)
-            v = torch.where(finite, torch.minimum(x, thr), s["mean"])
-            mean = self.alpha * s["mean"] + (1 - self.alpha) * v
-            s["var"] = self.alpha * s["var"] + (1 - self.alpha) * (v - mean).square()
-            s["mean"] = mean
-        self._count += 1
+        warming = s["n"] < self.warmup_steps
+        thr = torch.where(warming, math.inf, s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps))
+        # warm-up: Welford's running mean and M2 over the finite observations
+        learn = finite & warming
+        n = s["n"] + learn
+        delta = torch.where(learn, x - s["mean"], 0.0)
+        mean_w = s["mean"] + delta / n.clamp(min=1)
+        m2 = s["var"] + delta * torch.where(learn, x - mean_w, 0.0)
+        var_w = torch.where(n >= self.warmup_steps, m2 / n.clamp(min=1), m2)
+        # after it: EMA of the value capped at the threshold
+        v = torch.minimum(x, thr)
+        mean_e = self.alpha * s["mean"] + (1 - self.alpha) * v
+        var_e = self.alpha * s["var"] + (1 - self.alpha) * (v - mean_e).square()
+        track = finite & ~warming
+        s["mean"] = torch.where(warming, mean_w, torch.where(track, mean_e, s["mean"]))
+        s["var"] = torch.where(warming, var_w, torch.where(track, var_e, s["var"]))
+        s["n"] = n
         fired = (x > thr).any() if self.needs_flag else None
-        return thr, fired
+        return {"threshold": thr}, fired
 
     def events(self, rec: Record) -> list[Event]:
         values = [rec.total] + (list(rec.norms) if self.per_param else [])
         out = []
-        for k, (v, thr) in enumerate(zip(values, rec.slots)):
-            if v > thr:
+        for k, (v, thr) in enumerate(zip(values, rec.values["threshold"])):
+            if v > thr and not (k and rec.missing[k - 1]):
                 out.append(Event(rec.step, self.kind, None if k == 0 else self.names[k - 1], float(v), float(thr)))
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        st: dict[str, Any] = {"count": self._count}
+        st = super().state_dict()
         if self._state is not None:
             st.update({k: v.clone() for k, v in self._state.items()})
         return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.reset()
-        self._count = int(state.get("count", 0))
         if "mean" in state:
+            if state["mean"].numel() != self._width():
+                raise ValueError(
+                    f"Spike.load_state_dict: the state watches {state['mean'].numel()} values, this detector "
+                    f"{self._width()} (per_param={self.per_param}, {len(self.names)} parameters)"
+                )
             self._state = {k: state[k].clone() for k in ("n", "mean", "var")}
 
 
@@ -410,7 +455,12 @@ class Vanishing(Detector):
     """A parameter whose gradient norm stays below ``min_norm`` for ``patience`` steps.
 
     Fires once per run of small norms, at the step the run reaches ``patience``
-    consecutive observed steps. Missing gradients neither count nor fire.
+    consecutive observed steps. Only *live* parameters count: a parameter
+    whose gradient has been exactly zero at every step so far -- unused in the
+    forward pass (its gradient stays all zeros with
+    ``zero_grad(set_to_none=False)``), or with zero elements -- is not
+    reported until it first receives a nonzero gradient; after that an exact
+    zero counts as small. Missing gradients (None) neither count nor fire.
 
     Args:
         min_norm: the bound, > 0.
@@ -418,6 +468,7 @@ class Vanishing(Detector):
         action: see :class:`Detector`.
 
     Raises:
+        TypeError: ``patience`` not an integer.
         ValueError: ``min_norm`` not positive or ``patience`` < 1.
 
     Example:
@@ -430,36 +481,55 @@ class Vanishing(Detector):
     def __init__(self, min_norm: float = 1e-6, patience: int = 10, action: Action = "warn") -> None:
         super().__init__(action)
         self.min_norm = _positive(min_norm, "min_norm")
-        if int(patience) != patience or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        self.patience = int(patience)
+        self.patience = check_int(patience, "patience", min=1)
         self.reset()
 
     def __repr__(self) -> str:
         return f"Vanishing(min_norm={self.min_norm!r}, patience={self.patience!r}, action={self.action!r})"
 
+    def columns(self) -> dict[str, int]:
+        return {"run": len(self.names)}
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "parameters": len(self.names)}
+
     def reset(self) -> None:
         self._run: Tensor | None = None
+        self._live: Tensor | None = None
 
-    def observe(self, obs: Observation) -> tuple[Tensor | None, Tensor | None]:
-        if self._run is None:
+    def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
+        if self._run is None or self._live is None:
             self._run = torch.zeros(obs.norms.shape, device=obs.norms.device, dtype=obs.norms.dtype)
-        small = obs.norms < self.min_norm
+            self._live = torch.zeros(obs.norms.shape, device=obs.norms.device, dtype=torch.bool)
+        self._live = self._live | (obs.norms > 0)
+        small = (obs.norms < self.min_norm) & self._live
         if obs.missing:
             small[obs.missing] = False
         self._run = torch.where(small, self._run + 1, 0.0)
         fired = (self._run == self.patience).any() if self.needs_flag else None
-        return self._run, fired
+        return {"run": self._run}, fired
 
     def events(self, rec: Record) -> list[Event]:
-        hits = np.flatnonzero(rec.slots == self.patience)
+        hits = np.flatnonzero(rec.values["run"] == self.patience)
         return [Event(rec.step, self.kind, self.names[i], float(rec.norms[i]), self.min_norm) for i in hits]
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._run is None else {"run": self._run.clone()}
+        st = super().state_dict()
+        if self._run is not None:
+            st.update(run=self._run.clone(), live=self._live.clone())
+        return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._run = state["run"].clone() if "run" in state else None
+        super().load_state_dict(state)
+        self.reset()
+        if "run" in state:
+            if state["run"].numel() != len(self.names):
+                raise ValueError(
+                    f"Vanishing.load_state_dict: the state has {state['run'].numel()} parameters, "
+                    f"this detector {len(self.names)}"
+                )
+            self._run = state["run"].clone()
+            self._live = state["live"].clone() if "live" in state else self._run > 0
 
 
 def ready_first(order: Sequence[int], bad: np.ndarray) -> list[int]:

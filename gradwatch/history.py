@@ -1,4 +1,4 @@
-"""History: the host-side record of every observed step (numpy arrays)."""
+"""History: the host-side record of every observed step, an append-only column store."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -16,9 +18,52 @@ from gradwatch.detect import Event
 
 __all__ = ["History"]
 
-#: per-step 1-D columns and their dtypes (besides the [S, P] matrices)
+#: per-step 1-D float columns (besides the [S, P] matrices)
 _SCALARS = ("total", "total_clipped", "clip_coef", "clip_threshold", "scale")
-_FORMAT = 1
+#: every column a History holds, in file order
+COLUMNS = ("steps", "norms", "norms_clipped", "grad_missing", *_SCALARS, "taps")
+#: columns a source may declare unknown (the rest are always known)
+_OPTIONAL = ("norms_clipped", "grad_missing", *_SCALARS[1:], "taps")
+_FORMAT = 2
+_GROWTH = 1.25  # capacity factor: amortised O(1) appends, at most 25 % slack
+
+
+class _Columns:
+    """Growable numpy columns sharing one row count; reads are views of the filled rows."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.cap = 0
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def reserve(self, rows: int) -> None:
+        need = self.n + rows
+        if need <= self.cap:
+            return
+        self.cap = max(need, int(self.cap * _GROWTH) + 16)
+        for key, a in self.arrays.items():
+            grown = np.empty((self.cap, *a.shape[1:]), a.dtype)
+            grown[: self.n] = a[: self.n]
+            self.arrays[key] = grown
+
+    def add(self, key: str, tail: tuple[int, ...], dtype: Any, fill: Any) -> None:
+        """Start storing ``key``; the rows already stored get ``fill``."""
+        a = np.empty((self.cap, *tail), dtype)
+        a[: self.n] = fill
+        self.arrays[key] = a
+
+    def widen(self, key: str, width: int, fill: Any) -> None:
+        """Grow the second dimension of ``key`` to ``width`` (new cells get ``fill``)."""
+        a = self.arrays[key]
+        if a.shape[1] < width:
+            wide = np.full((self.cap, width), fill, a.dtype)
+            wide[: self.n, : a.shape[1]] = a[: self.n]
+            self.arrays[key] = wide
+
+    def view(self, key: str) -> np.ndarray:
+        v = self.arrays[key][: self.n]
+        v.flags.writeable = False
+        return v
 
 
 class History:
@@ -31,11 +76,31 @@ class History:
     None at a step is recorded with norm 0 and flagged in ``grad_missing``; NaN
     and Inf are kept as they were.
 
+    History is append-only: :meth:`append` and :meth:`extend` add rows (in
+    amortised constant time per row), and reading a column returns a read-only
+    view of the rows so far without copying, so reading ``watch.history`` at
+    every step costs only the new rows.
+
+    A column the source did not hold (``unknown``, e.g. post-clip norms in a
+    CSV file) reads as NaN and :meth:`known` says so: unknown is not "nothing
+    happened". A column that was simply not given to :meth:`append` takes its
+    "nothing happened" value (not clipped, nothing missing, no scaler).
+
+    Args:
+        names: parameter names, in model order.
+        meta: free-form description of the run (clipper, detectors, ...).
+        unknown: columns the source did not hold, from ``norms_clipped``,
+            ``grad_missing``, ``total_clipped``, ``clip_coef``,
+            ``clip_threshold``, ``scale`` and ``taps``.
+
     Attributes:
         names: parameter names, in model order (``P`` of them).
         events: the :class:`~gradwatch.Event` list, in step order.
         tap_names: names of tapped tensors (:meth:`GradWatch.tap`), the columns of ``taps``.
-        meta: free-form description of the run (clipper, detectors, ...).
+        meta: free-form description of the run.
+
+    Raises:
+        ValueError: duplicate names or an ``unknown`` entry that is not an optional column.
 
     Example:
         >>> h = History(["w", "b"])
@@ -44,13 +109,22 @@ class History:
         (2, [3.0, 1.0], [5.0, 1.0])
     """
 
-    def __init__(self, names: Sequence[str], meta: dict[str, Any] | None = None) -> None:
-        self.names = list(names)
+    def __init__(
+        self, names: Sequence[str], meta: dict[str, Any] | None = None, *, unknown: Iterable[str] = ()
+    ) -> None:
+        self.names = [str(n) for n in names]
+        dup = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dup:
+            raise ValueError(f"names must be unique; repeated: {dup[:5]}")
         self.meta: dict[str, Any] = dict(meta or {})
         self.events: list[Event] = []
         self.tap_names: list[str] = []
-        self._chunks: list[dict[str, np.ndarray]] = []
-        self._cache: dict[str, np.ndarray] | None = None
+        self._unknown = frozenset(unknown)
+        bad = sorted(self._unknown - set(_OPTIONAL))
+        if bad:
+            raise ValueError(f"unknown must name columns from {_OPTIONAL}, got {bad}")
+        self._cols = _Columns()
+        self._dtype: np.dtype = np.dtype(np.float64)
 
     # -- building -----------------------------------------------------------------
     def append(
@@ -68,11 +142,12 @@ class History:
         taps: dict[str, np.ndarray] | None = None,
         events: Sequence[Event] = (),
     ) -> None:
-        """Add rows; omitted columns take their "nothing happened" values.
+        """Add rows (copied); omitted columns take their "nothing happened" values.
 
         The keyword columns (``norms_clipped``, ``grad_missing``, ``total``,
         ``total_clipped``, ``clip_coef``, ``clip_threshold``, ``scale``) have the
-        shapes of the properties of the same names.
+        shapes of the properties of the same names; ``total`` defaults to the
+        L2 norm of each row of ``norms``.
 
         Args:
             steps: ``[n]`` step indices.
@@ -87,64 +162,134 @@ class History:
         if norms.dtype.kind != "f":
             norms = norms.astype(np.float64)
         steps = np.asarray(steps, dtype=np.int64).reshape(-1)
-        n = len(steps)
-        if norms.shape != (n, len(self.names)):
-            raise ValueError(f"norms must have shape {(n, len(self.names))}, got {norms.shape}")
+        n, P = len(steps), len(self.names)
+        if norms.shape != (n, P):
+            raise ValueError(f"norms must have shape {(n, P)}, got {norms.shape}")
         if total is None:
-            total = np.sqrt(np.square(norms.astype(np.float64)).sum(axis=1)).astype(norms.dtype)
-        total = np.asarray(total, dtype=norms.dtype).reshape(n)
-        chunk = {
-            "steps": steps,
-            "norms": norms,
-            "norms_clipped": norms if norms_clipped is None else np.asarray(norms_clipped, dtype=norms.dtype),
-            "grad_missing": np.zeros(norms.shape, bool) if grad_missing is None else np.asarray(grad_missing, bool),
-            "total": total,
-            "total_clipped": total if total_clipped is None else np.asarray(total_clipped, dtype=norms.dtype),
-            "clip_coef": np.ones(n, norms.dtype) if clip_coef is None else np.asarray(clip_coef, dtype=norms.dtype),
-            "clip_threshold": np.full(n, np.nan, norms.dtype)
-            if clip_threshold is None
-            else np.asarray(clip_threshold, dtype=norms.dtype),
-            "scale": np.full(n, np.nan, norms.dtype) if scale is None else np.asarray(scale, dtype=norms.dtype),
+            total = np.sqrt(np.square(norms.astype(np.float64)).sum(axis=1))
+        given = {
+            "norms_clipped": norms_clipped,
+            "grad_missing": grad_missing,
+            "total_clipped": total_clipped,
+            "clip_coef": clip_coef,
+            "clip_threshold": clip_threshold,
+            "scale": scale,
         }
-        for key in ("norms_clipped", "grad_missing"):
-            if chunk[key].shape != norms.shape:
-                raise ValueError(f"{key} must have shape {norms.shape}, got {chunk[key].shape}")
-        for key in _SCALARS:
-            if chunk[key].shape != (n,):
-                raise ValueError(f"{key} must have shape {(n,)}, got {chunk[key].shape}")
-        taps = taps or {}
+        cols = {"steps": steps, "norms": norms, "total": np.asarray(total)}
+        for key, value in given.items():
+            if value is not None:
+                cols[key] = np.asarray(value)
+        for key, value in cols.items():
+            want = (n, P) if key in ("norms", "norms_clipped", "grad_missing") else (n,)
+            if value.shape != want:
+                raise ValueError(f"{key} must have shape {want}, got {value.shape}")
+        if not len(self._cols.arrays):
+            self._dtype = norms.dtype
+        self._write(cols, dict(taps or {}))
+        self.events.extend(events)
+
+    def extend(self, other: History) -> None:
+        """Append all rows and events of ``other`` (same parameter names).
+
+        Raises:
+            ValueError: ``other`` has other parameter names.
+
+        Example:
+            >>> a, b = History(["w"]), History(["w"])
+            >>> a.append([0], [[1.0]]); b.append([1], [[2.0]])
+            >>> a.extend(b); a.steps.tolist()
+            [0, 1]
+        """
+        if other.names != self.names:
+            raise ValueError("extend needs a History with the same parameter names")
+        if not len(other):
+            self.events.extend(other.events)
+            return
+        cols = {k: other._cols.view(k) for k in other._cols.arrays if k != "taps"}
+        taps = {name: other.taps[:, j] for j, name in enumerate(other.tap_names)}
+        if not self._cols.arrays:
+            self._dtype = other._dtype
+        self._write(cols, taps)
+        self.events.extend(other.events)
+
+    def _write(self, cols: dict[str, np.ndarray], taps: dict[str, np.ndarray]) -> None:
+        store = self._cols
+        n = len(cols["steps"])
+        store.reserve(n)
+        P = len(self.names)
+        for key in ("steps", "norms", "total"):
+            if key not in store.arrays:
+                store.add(key, (P,) if key == "norms" else (), np.int64 if key == "steps" else self._dtype, 0)
+        for key in cols:
+            if key not in store.arrays:  # first time given: earlier rows get their default
+                tail = (P,) if key in ("norms_clipped", "grad_missing") else ()
+                store.add(key, tail, bool if key == "grad_missing" else self._dtype, 0)
+                self._fill_default(key, slice(0, store.n))
         for name in taps:
             if name not in self.tap_names:
                 self.tap_names.append(name)
-        tap_mat = np.full((n, len(self.tap_names)), np.nan, dtype=norms.dtype)
-        for name, col in taps.items():
-            tap_mat[:, self.tap_names.index(name)] = col
-        chunk["taps"] = tap_mat
-        self._chunks.append(chunk)
-        self.events.extend(events)
-        self._cache = None
-
-    def _col(self, key: str) -> np.ndarray:
-        if self._cache is None:
-            self._cache = {}
-        if key not in self._cache:
-            if not self._chunks:
-                width = {"norms": len(self.names), "norms_clipped": len(self.names), "grad_missing": len(self.names)}
-                dtype = {"steps": np.int64, "grad_missing": bool}.get(key, np.float64)
-                shape = (0, width[key]) if key in width else (0, len(self.tap_names)) if key == "taps" else (0,)
-                self._cache[key] = np.zeros(shape, dtype)
-            elif key == "taps":
-                k = len(self.tap_names)
-                parts = [
-                    np.pad(c["taps"], ((0, 0), (0, k - c["taps"].shape[1])), constant_values=np.nan)
-                    for c in self._chunks
-                ]
-                self._cache[key] = np.concatenate(parts)
+        if self.tap_names:
+            if "taps" not in store.arrays:
+                store.add("taps", (0,), self._dtype, np.nan)
+            store.widen("taps", len(self.tap_names), np.nan)
+        rows = slice(store.n, store.n + n)
+        for key, a in store.arrays.items():
+            if key == "taps":
+                a[rows] = np.nan
+                for name, col in taps.items():
+                    a[rows, self.tap_names.index(name)] = col
+            elif key in cols:
+                a[rows] = cols[key]
             else:
-                self._cache[key] = np.concatenate([c[key] for c in self._chunks])
-        return self._cache[key]
+                self._fill_default(key, rows, cols)
+        store.n += n
+
+    def _fill_default(self, key: str, rows: slice, cols: dict[str, np.ndarray] | None = None) -> None:
+        """Write ``key``'s "nothing happened" value into ``rows`` (from ``cols`` if they are the new rows)."""
+        a = self._cols.arrays
+        if key in ("norms_clipped", "total_clipped"):
+            src = key.removesuffix("_clipped")
+            a[key][rows] = cols[src] if cols is not None else a[src][rows]
+        else:
+            a[key][rows] = {"grad_missing": False, "clip_coef": 1.0}.get(key, np.nan)
 
     # -- reading ------------------------------------------------------------------
+    def known(self, column: str) -> bool:
+        """Whether ``column`` was recorded (False for columns the source did not hold).
+
+        Example:
+            >>> History(["w"], unknown=["norms_clipped"]).known("norms_clipped")
+            False
+        """
+        if column not in COLUMNS:
+            raise ValueError(f"column must be one of {COLUMNS}, got {column!r}")
+        return column not in self._unknown
+
+    @property
+    def unknown(self) -> frozenset[str]:
+        """The columns the source did not hold (they read as NaN)."""
+        return self._unknown
+
+    def _col(self, key: str) -> np.ndarray:
+        n, P = len(self), len(self.names)
+        if key in self._unknown:
+            shape = (n, len(self.tap_names)) if key == "taps" else (n, P) if key == "norms_clipped" else (n,)
+            return np.full(shape, np.nan, self._dtype)
+        store = self._cols
+        if key in store.arrays:
+            return store.view(key)
+        if key == "norms_clipped" and "norms" in store.arrays:
+            return store.view("norms")
+        if key == "total_clipped" and "total" in store.arrays:
+            return store.view("total")
+        dtype = {"steps": np.int64, "grad_missing": bool}.get(key, self._dtype)
+        shape = (n, P) if key in ("norms", "norms_clipped", "grad_missing") else (n, 0) if key == "taps" else (n,)
+        out = np.full(
+            shape, {"clip_coef": 1.0, "grad_missing": False, "steps": 0, "norms": 0.0}.get(key, np.nan), dtype
+        )
+        out.flags.writeable = False
+        return out
+
     steps = property(lambda self: self._col("steps"), doc="``int64 [S]`` optimizer step of each row.")
     norms = property(
         lambda self: self._col("norms"), doc="``[S, P]`` pre-clip L2 norms (0 where ``.grad`` was None; NaN kept)."
@@ -163,7 +308,7 @@ class History:
     taps = property(lambda self: self._col("taps"), doc="``[S, K]`` gradient norms of tapped tensors.")
 
     def __len__(self) -> int:
-        return sum(len(c["steps"]) for c in self._chunks)
+        return self._cols.n
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The pre-clip norm column of parameter ``name`` (or of a tapped tensor).
@@ -184,9 +329,11 @@ class History:
 
     @property
     def clip_fraction(self) -> float:
-        """Fraction of recorded steps where clipping bound (``clip_coef < 1``); NaN if empty."""
+        """Fraction of recorded steps where clipping bound (``clip_coef < 1``); NaN if empty or unknown."""
         coef = self.clip_coef
-        return float(np.mean(coef < 1.0)) if len(coef) else math.nan
+        if not len(coef) or not self.known("clip_coef"):
+            return math.nan
+        return float(np.mean(coef < 1.0))
 
     def events_of(self, kind: str | None = None, name: str | None = None) -> list[Event]:
         """The events of one ``kind`` and/or parameter ``name`` (None matches all)."""
@@ -195,12 +342,14 @@ class History:
     def summary(self) -> list[dict[str, Any]]:
         """One dict per parameter: max, median and last norm, steps clipped, events.
 
-        NaN steps are left out of max/median (``nonfinite`` counts them).
+        NaN steps are left out of max/median (``nonfinite`` counts them);
+        ``clipped`` is None when the post-clip norms are unknown.
         """
         rows = []
-        clipped = self.norms_clipped < self.norms
+        norms = self.norms
+        clipped = self.norms_clipped < norms if self.known("norms_clipped") else None
         for j, name in enumerate(self.names):
-            col = self.norms[:, j]
+            col = norms[:, j]
             fin = col[np.isfinite(col)]
             rows.append(
                 {
@@ -209,7 +358,7 @@ class History:
                     "median": float(np.median(fin)) if fin.size else math.nan,
                     "last": float(col[-1]) if col.size else math.nan,
                     "nonfinite": int((~np.isfinite(col)).sum()),
-                    "clipped": int(clipped[:, j].sum()),
+                    "clipped": None if clipped is None else int(clipped[:, j].sum()),
                     "events": sum(1 for e in self.events if e.name == name),
                 }
             )
@@ -248,58 +397,96 @@ class History:
         groups: dict[str, list[int]] = {}
         for j, name in enumerate(self.names):
             groups.setdefault(str(key(name)), []).append(j)
-        out = History(list(groups), {**self.meta, "grouped_by": repr(by)})
-        out.tap_names = list(self.tap_names)
+        out = History(list(groups), {**self.meta, "grouped_by": repr(by)}, unknown=self._unknown)
         if len(self):
 
             def l2(mat: np.ndarray) -> np.ndarray:
                 cols = [np.sqrt(np.square(mat[:, idx].astype(np.float64)).sum(axis=1)) for idx in groups.values()]
                 return np.stack(cols, axis=1).astype(mat.dtype)
 
-            chunk = {k: self._col(k) for k in ("steps", "taps", *_SCALARS)}
-            chunk["norms"] = l2(self.norms)
-            chunk["norms_clipped"] = l2(self.norms_clipped)
-            chunk["grad_missing"] = np.stack([self.grad_missing[:, idx].all(axis=1) for idx in groups.values()], 1)
-            out._chunks.append(chunk)
+            missing = np.stack([self.grad_missing[:, idx].all(axis=1) for idx in groups.values()], 1)
+            out.append(
+                self.steps,
+                l2(self.norms),
+                norms_clipped=l2(self.norms_clipped),
+                grad_missing=missing,
+                taps={name: self.taps[:, j] for j, name in enumerate(self.tap_names)},
+                **{k: self._col(k) for k in _SCALARS},
+            )
+        out.tap_names = list(self.tap_names)
         out.events = [e if e.name is None else replace(e, name=str(key(e.name))) for e in self.events]
         return out
 
     # -- persistence --------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the history to a ``.npz`` file (exact round trip with :meth:`load`)."""
-        events = [[e.step, e.kind, e.name, e.value, e.threshold] for e in self.events]
-        arrays = {key: self._col(key) for key in ("steps", "norms", "norms_clipped", "grad_missing", "taps", *_SCALARS)}
+        """Write the history to a ``.npz`` file (exact round trip with :meth:`load`).
+
+        The file is written to a temporary name beside ``path`` and renamed
+        over it, so a failed save never truncates an earlier good file.
+        """
+        events = [
+            [int(e.step), str(e.kind), None if e.name is None else str(e.name), float(e.value), _opt_float(e.threshold)]
+            for e in self.events
+        ]
+        arrays = {key: self._cols.view(key) for key in self._cols.arrays}
         header = {
             "format": _FORMAT,
             "names": self.names,
             "tap_names": self.tap_names,
             "meta": self.meta,
             "events": events,
+            "unknown": sorted(self._unknown),
         }
-        with open(path, "wb") as f:
-            np.savez_compressed(f, gradwatch=np.array(json.dumps(header)), **arrays)
+        text = json.dumps(header, default=_json_default)
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(prefix=".gradwatch-", suffix=".npz.tmp", dir=os.path.dirname(path) or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, gradwatch=np.array(text), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> History:
         """Read a history written by :meth:`save`.
 
         Raises:
-            ValueError: the file is not a gradwatch history.
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is not a gradwatch history (empty, truncated,
+                another ``.npz``, not a zip file).
         """
         try:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(str(z["gradwatch"]))
                 arrays = {k: z[k] for k in z.files if k != "gradwatch"}
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
+        except FileNotFoundError:
+            raise
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
             raise ValueError(f"{os.fspath(path)!r} is not a gradwatch history (.npz written by History.save)") from exc
-        h = cls(header["names"], header.get("meta"))
+        h = cls(header["names"], header.get("meta"), unknown=header.get("unknown", ()))
+        if len(arrays.get("steps", ())):
+            tap_names = list(header.get("tap_names", []))
+            taps = arrays.pop("taps", np.zeros((len(arrays["steps"]), 0)))
+            kw = {k: v for k, v in arrays.items() if k in COLUMNS and k not in ("steps", "norms")}
+            h.append(arrays["steps"], arrays["norms"], taps={n: taps[:, j] for j, n in enumerate(tap_names)}, **kw)
         h.tap_names = list(header.get("tap_names", []))
-        if len(arrays["steps"]):
-            chunk = {k: arrays[k] for k in ("steps", "norms", "norms_clipped", "grad_missing", "taps", *_SCALARS)}
-            h._chunks.append(chunk)
         h.events = [
             Event(int(s), k, n, float(v), None if t is None else float(t)) for s, k, n, v, t in header["events"]
         ]
         return h
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars and arrays in ``meta`` serialise as Python numbers and lists."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return repr(obj)

@@ -1,23 +1,48 @@
-"""Gradient norms in fused passes: pure functions, no state, no host syncs.
+"""The norms engine: every gradient's norm in fused passes, measured where it is cheapest.
 
-The functions here follow :func:`torch.nn.utils.get_total_norm` step for step
-(group by device and dtype, ``torch._foreach_norm`` per group, the norm of the
-stacked norms), so a total computed here has the same bits as torch's.
+Pure functions (:func:`grad_norms`, :func:`total_norm`) serve the clippers when
+they run alone; :class:`NormMeter` serves :class:`~gradwatch.GradWatch`. Both
+reduce through the same fused pass (:func:`write_norms`): tensors grouped by
+device and dtype, one ``torch._foreach_norm`` per group -- the kernels of
+:func:`torch.nn.utils.get_total_norm`, so a total computed here has torch's bits.
+
+Two ways to read a gradient, and each wins somewhere (``benchmarks/overhead.py``):
+
+* in a post-accumulate-grad hook, right after backward wrote the gradient and
+  while it is still in cache: ``torch.dot(g, g)`` reads it at memory speed
+  (``vector_norm`` runs single-threaded on CPU, 2-4x slower). Worth it for
+  large tensors, where a later cold read costs milliseconds;
+* in the fused pass at step time: a single call for any number of tensors.
+  Worth it for small tensors, where per-call overhead is the whole cost.
+
+``NormMeter(mode="auto")`` hooks the tensors of at least :data:`HOOK_MIN_NUMEL`
+elements and measures the rest in the fused pass; ``"hook"`` and ``"step"``
+force one way. Only ``"step"`` uses exactly the kernels of ``clip_grad_norm_``
+(bit-identical norms); the hooks' float32 ``dot`` agrees to ~1e-6 relative.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["grad_norms", "group_by_device_dtype", "stat_dtype", "total_norm"]
+from gradwatch._compat import foreach_norm
+from gradwatch._validate import check_float
+
+__all__ = ["HOOK_MIN_NUMEL", "MODES", "NormMeter", "grad_norms", "group_by_device_dtype", "stat_dtype", "total_norm"]
+
+MODES = ("auto", "hook", "step")
+
+#: In ``mode="auto"``, gradients with at least this many elements (256 KiB in
+#: float32) are measured in hooks, the rest in the fused step-time pass.
+HOOK_MIN_NUMEL = 1 << 16
+
+Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
 
 
-def group_by_device_dtype(
-    tensors: Sequence[Tensor | None],
-) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+def group_by_device_dtype(tensors: Sequence[Tensor | None]) -> Groups:
     """Group tensors by ``(device, dtype)`` for ``torch._foreach_*`` calls.
 
     Groups appear in the order their first tensor appears (as in torch's own
@@ -37,35 +62,73 @@ def group_by_device_dtype(
         >>> [(str(dt), pos) for (_, dt), (_, pos) in groups.items()]
         [('torch.float32', [0]), ('torch.float64', [2])]
     """
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+    groups: Groups = {}
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        key = (t.device, t.dtype)
-        if key not in groups:
-            groups[key] = ([], [])
-        groups[key][0].append(t)
-        groups[key][1].append(i)
+        ts, pos = groups.setdefault((t.device, t.dtype), ([], []))
+        ts.append(t)
+        pos.append(i)
     return groups
 
 
 def stat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     """The dtype in which gradwatch records the norms of tensors of ``dtypes``.
 
-    float64 if any tensor is float64, otherwise float32: half-precision norms
-    are accumulated and kept in float32.
+    float64 if any tensor is float64 (or complex128), otherwise float32:
+    half-precision norms are accumulated and kept in float32.
 
     Example:
         >>> stat_dtype([torch.bfloat16, torch.float32])
         torch.float32
     """
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+    return torch.float64 if any(d in (torch.float64, torch.complex128) for d in dtypes) else torch.float32
 
 
-def _foreach_norms(tensors: list[Tensor], device: torch.device, norm_type: float) -> list[Tensor]:
-    if device.type in ("cpu", "cuda") or device.type == torch._C._get_privateuse1_backend_name():
-        return list(torch._foreach_norm(tensors, norm_type))
-    return [torch.linalg.vector_norm(t, norm_type) for t in tensors]
+def check_norm_type(norm_type: float) -> float:
+    """Validate a p-norm order: any p > 0, or ``math.inf``.
+
+    Raises:
+        TypeError: not a number (e.g. ``"fro"``).
+        ValueError: not positive, or NaN.
+    """
+    return check_float(norm_type, "norm_type", min=0, min_open=True, allow_inf=True)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype | None:
+    """Half precision is reduced in float32 (as ``vector_norm(dtype=float32)``)."""
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else None
+
+
+def write_norms(
+    out: Tensor, groups: Groups, norm_type: float = 2.0, index: Callable[[list[int]], Tensor] | None = None
+) -> Tensor:
+    """Write the ``norm_type``-norm of every grouped tensor into ``out`` at its position.
+
+    One ``_foreach_norm`` per group. When one group covers every slot of
+    ``out`` in order and the dtypes agree, the norms are stacked straight into
+    ``out``; otherwise they are scattered with ``index_copy_``. Slots of no
+    group are left as they are.
+
+    Args:
+        out: a 1-D tensor with one slot per input position.
+        groups: from :func:`group_by_device_dtype`.
+        norm_type: the p of the p-norm.
+        index: maps positions to an index tensor on ``out.device`` (lets a
+            caller cache them); default: a new tensor each call.
+
+    Returns:
+        ``out``.
+    """
+    for (_, dtype), (tensors, positions) in groups.items():
+        acc = _acc(dtype)
+        norms = foreach_norm(tensors, norm_type, dtype=acc)
+        if len(positions) == out.numel() and (acc or dtype) == out.dtype and norms[0].device == out.device:
+            torch.stack(norms, out=out)  # positions are 0..P-1: the common one-group case
+            continue
+        idx = index(positions) if index is not None else torch.tensor(positions, device=out.device)
+        out.index_copy_(0, idx, torch.stack(norms).to(device=out.device, dtype=out.dtype))
+    return out
 
 
 def grad_norms(
@@ -97,14 +160,7 @@ def grad_norms(
     if dtype is None:
         dtype = stat_dtype([t.dtype for t in present])
     out = torch.zeros(len(tensors), device=device, dtype=dtype)
-    for (dev, dt), (group, positions) in group_by_device_dtype(tensors).items():
-        if dt.is_floating_point and dt.itemsize < 4:
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group]
-        else:
-            norms = _foreach_norms(group, dev, norm_type)
-        idx = torch.tensor(positions, device=device)
-        out.index_copy_(0, idx, torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
-    return out
+    return write_norms(out, group_by_device_dtype(tensors), norm_type)
 
 
 def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tensor:
@@ -127,14 +183,116 @@ def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tens
     norm_type = float(norm_type)
     first = present[0].device
     norms: list[Tensor] = []
-    for (dev, _), (group, _) in group_by_device_dtype(present).items():
-        norms.extend(_foreach_norms(group, dev, norm_type))
+    for group, _ in group_by_device_dtype(present).values():
+        norms.extend(foreach_norm(group, norm_type))
     return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
 
 
-def check_norm_type(norm_type: float) -> float:
-    """Validate a p-norm order: any p > 0, or ``inf``."""
-    p = float(norm_type)
-    if not p > 0:  # also rejects NaN
-        raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
-    return p
+class NormMeter:
+    """Writes this step's gradient L2 norms into a ``[P]`` tensor on ``device`` in ``dtype``.
+
+    Args:
+        params: the parameters, in model order.
+        mode: ``"auto"``, ``"hook"`` or ``"step"``.
+        device, dtype: where and how the norms are kept.
+        track_order: register hooks on every parameter to record the order in
+            which gradients become ready (even those measured at step time).
+
+    Attributes:
+        order: parameter indices in the order their gradients became ready
+            since the last :meth:`reset` (with ``track_order`` or hooks).
+        hot: whether the hooks measure on the coming backward (set by the
+            watch: False on steps that neither record nor clip).
+    """
+
+    def __init__(
+        self, params: Sequence[Tensor], mode: str, device: torch.device, dtype: torch.dtype, track_order: bool
+    ) -> None:
+        self.params = list(params)
+        self.device, self.dtype = device, dtype
+        P = len(self.params)
+        self._sq = torch.zeros(P, device=device, dtype=dtype)  # hooks write squared norms here
+        self._sq_views = list(self._sq.unbind())
+        self.hooked = [mode == "hook" or (mode == "auto" and p.numel() >= HOOK_MIN_NUMEL) for p in self.params]
+        self._hooked_idx = [i for i in range(P) if self.hooked[i]]
+        self._fused_idx = [i for i in range(P) if not self.hooked[i]]
+        self._index: dict[tuple[int, ...], Tensor] = {}
+        self._fns = [self._square_fn(i) for i in range(P)]
+        self.hot = True
+        self._fired = [False] * P
+        self.order: list[int] = []
+        self._handles = []
+        if self._hooked_idx or track_order:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _index_of(self, positions: list[int]) -> Tensor:
+        key = tuple(positions)
+        if key not in self._index:
+            self._index[key] = torch.tensor(positions, device=self.device)
+        return self._index[key]
+
+    def _square_fn(self, i: int) -> Callable[[Tensor], None]:
+        """Writes ``‖g‖²`` of parameter ``i``'s gradient into its slot."""
+        p, out = self.params[i], self._sq_views[i]
+        if _acc(p.dtype) or p.dtype.is_complex or not p.dtype.is_floating_point:
+            return lambda g: out.copy_(torch.linalg.vector_norm(g, dtype=_acc(g.dtype)).square())
+        if p.dtype == self.dtype and p.device == self.device:
+
+            def direct(g: Tensor) -> None:
+                flat = g.reshape(-1)
+                torch.dot(flat, flat, out=out)
+
+            return direct
+
+        def converted(g: Tensor) -> None:
+            flat = g.reshape(-1)
+            out.copy_(torch.dot(flat, flat))
+
+        return converted
+
+    def _hook(self, i: int) -> Callable[[Tensor], None]:
+        square = self._fns[i] if self.hooked[i] else None
+        fired, order = self._fired, self.order
+
+        def hook(param: Tensor) -> None:
+            if square is not None and self.hot:
+                square(param.grad)
+            if not fired[i]:
+                fired[i] = True
+                order.append(i)
+
+        return hook
+
+    def measure(self, grads: list[Tensor | None], missing: list[int], out: Tensor, hooks_valid: bool = True) -> Tensor:
+        """Write the norms of ``grads`` into ``out`` (0 where missing); returns it.
+
+        Args:
+            grads: the gradients (``None`` where missing), in model order.
+            missing: indices of the ``None`` entries.
+            out: a ``[P]`` tensor (a named view of GradWatch's device row).
+            hooks_valid: False when the gradients changed after backward (AMP
+                unscaling): everything is then measured now.
+        """
+        if self._hooked_idx:
+            for i in self._hooked_idx:  # gradients no hook saw this step (set by hand, or changed since)
+                g = grads[i]
+                if g is not None and (not self._fired[i] or not hooks_valid):
+                    self._fns[i](g)
+            torch.sqrt(self._sq, out=out)
+        rest = grads if not self._hooked_idx else [grads[i] if not self.hooked[i] else None for i in range(len(grads))]
+        write_norms(out, group_by_device_dtype(rest), 2.0, self._index_of)
+        if missing:
+            out.index_fill_(0, self._index_of(missing), 0.0)
+        return out
+
+    def reset(self) -> None:
+        """Forget which hooks fired (call after each step)."""
+        for i in self.order:
+            self._fired[i] = False
+        self.order.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,88 +1,163 @@
-"""GradWatch: measure -> detect -> clip -> record, every optimizer step, without host syncs."""
+"""GradWatch: measure -> clip -> detect -> record -> react, every optimizer step, without host syncs."""
 
 from __future__ import annotations
 
-import math
+import atexit
+import sys
+import traceback
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch._measure import MODES, NormMeter
-from gradwatch._params import named_trainable
-from gradwatch.clip import ClipContext, Clipper
-from gradwatch.detect import (
-    Detector,
-    Event,
-    GradientAnomalyError,
-    NonFinite,
-    Observation,
-    Record,
-    Warner,
-    ready_first,
-)
+from gradwatch._compat import scale_of
+from gradwatch._layout import RecordLayout
+from gradwatch._params import clean_name, named_trainable
+from gradwatch._validate import check_choice, check_instance, check_int
+from gradwatch.clip import ClipContext, Clipper, ClipResult
+from gradwatch.detect import Detector, Event, GradientAnomalyError, Observation, Record, Warner, ready_first
+from gradwatch.gate import OptimizerGate, warn_unwatched
 from gradwatch.history import History
-from gradwatch.norms import stat_dtype
+from gradwatch.norms import MODES, NormMeter, stat_dtype
 
 __all__ = ["GradWatch"]
 
+#: the largest ``flush_every``: rows are allocated as they fill, but a flush must stay addressable
+MAX_FLUSH_EVERY = 2**31 - 1
 
-def _int_at_least_1(value: Any, argname: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{argname} must be an integer >= 1, got {value!r}")
-    return int(value)
+_OPEN: weakref.WeakSet[GradWatch] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_watches() -> None:  # pragma: no cover - runs at interpreter exit
+    """Interpreter exit (also after an uncaught exception): pending rows reach history and sinks."""
+    for watch in list(_OPEN):
+        try:
+            watch.close()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+
+
+@dataclass
+class _RowMeta:
+    """What a recorded row carries besides its device values (host-known at the step)."""
+
+    step: int
+    missing: list[int]
+    order: list[int]
+    taps: dict[str, Tensor] = field(default_factory=dict)
+
+
+class _Row(NamedTuple):
+    """One buffer row and its named column views."""
+
+    tensor: Tensor
+    cols: dict[str, Tensor]
+
+
+class _Rows:
+    """The device buffer of recorded rows: grows as it fills, up to ``capacity`` rows, and a scratch row."""
+
+    def __init__(self, layout: RecordLayout, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.layout, self.capacity = layout, capacity
+        self.count = 0
+        self._buf = torch.zeros(min(capacity, 64), layout.width, device=device, dtype=dtype)
+        self._views = self._rows_of(self._buf)
+        self.scratch = self._rows_of(torch.zeros(1, layout.width, device=device, dtype=dtype))[0]
+
+    def _rows_of(self, buf: Tensor) -> list[_Row]:
+        return [_Row(r, self.layout.views(r)) for r in buf.unbind()]
+
+    def next(self) -> _Row:
+        """The views of the next free row (grows the buffer geometrically, a device copy)."""
+        if self.count == len(self._views):
+            grown = self._buf.new_zeros(min(self.capacity, 2 * len(self._views)), self.layout.width)
+            grown[: self.count].copy_(self._buf[: self.count])
+            self._buf = grown
+            self._views = self._rows_of(self._buf)
+        row = self._views[self.count]
+        self.count += 1
+        return row
+
+    def filled(self) -> Tensor:
+        """The filled rows, ``[count, width]`` on the device."""
+        return self._buf[: self.count]
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.capacity
 
 
 class GradWatch:
     """Watch (and optionally clip) the gradients of a model at every optimizer step.
 
-    Each step, GradWatch measures the L2 norm of every parameter's gradient and
-    the global norm, runs the detectors, applies the clipper and writes one row
-    to a device buffer; every ``flush_every`` observed steps the buffer is copied
-    to the host in one transfer and becomes rows of :attr:`history`, events,
-    warnings and sink output. Between flushes nothing is read back to the host.
+    Each step runs five phases, in this order:
 
-    Gradient norms are measured where the gradients are cheapest to read:
+    1. **measure** -- the L2 norm of every parameter's gradient and the global
+       norm, into a row of a device buffer;
+    2. **clip** -- the clipper (if any) scales the gradients in place, reusing
+       those norms;
+    3. **detect** -- each detector updates its state on the device;
+    4. **record** -- the clipper's, scaler's and detectors' values go into the
+       same row, each into the columns it declared when the watch was built;
+    5. **react** -- ``"raise"`` and ``"skip"`` actions (the only ones that need
+       an answer during the step).
 
-    * ``measure="hook"`` (default): in ``register_post_accumulate_grad_hook``
-      hooks, while each gradient is still hot in cache. The hooks also record
-      the order in which gradients became ready (for :class:`NonFinite`). With
-      gradient accumulation each micro-batch's hook measures the accumulated
-      gradient, so the last one -- the norm at the optimizer step -- is recorded.
-      If you change ``.grad`` between ``backward()`` and the step yourself (your
-      own clipping, DDP's all-reduce), use ``measure="step"``.
-    * ``measure="step"``: one fused pass (``torch._foreach_norm`` per device and
-      dtype) when the step runs. Used automatically with a ``scaler``.
+    Every ``flush_every`` recorded steps (and on :attr:`history` and
+    :meth:`close`) the rows are copied to the host in one transfer, stored in
+    :attr:`history`, and then handed to the sinks, warnings and callbacks.
+    Between flushes nothing is read back to the host.
+
+    Gradient norms are measured where the gradients are cheapest to read
+    (``measure=``):
+
+    * ``"auto"`` (default): gradients of at least 65,536 elements in
+      ``register_post_accumulate_grad_hook`` hooks (``torch.dot`` while the
+      gradient is in cache), the rest in one fused ``torch._foreach_norm`` per
+      device and dtype at the step. Under ``DistributedDataParallel``, whose
+      all-reduce changes the gradients after the hooks, ``"auto"`` means ``"step"``.
+    * ``"hook"``: every gradient in a hook. With gradient accumulation each
+      micro-batch's hook measures the accumulated gradient, so the last one --
+      the norm at the optimizer step -- is recorded. If you change ``.grad``
+      between ``backward()`` and the step yourself, use ``"step"``.
+    * ``"step"``: every gradient in the fused pass when the step runs: exactly
+      the kernels of ``clip_grad_norm_``. Used automatically with a ``scaler``.
 
     Half-precision norms are accumulated and recorded in float32; float64
     models are recorded in float64. A parameter whose ``.grad`` is None at a step
     is recorded with norm 0 and flagged in ``History.grad_missing`` (never NaN,
     so it cannot be mistaken for a non-finite gradient).
 
+    A step that raises (``action="raise"``, a failing sink) leaves the watch
+    consistent: the row is in :attr:`history`, and the next step is measured,
+    clipped and numbered normally.
+
     Args:
         model: an ``nn.Module`` or an iterable of ``(name, parameter)`` pairs.
             Parameters without ``requires_grad`` are ignored; shared (tied)
-            parameters are watched once.
+            parameters are watched once; names must be unique.
         clipper: a :class:`~gradwatch.Clipper` applied every step (even with
             ``every > 1``), or None.
-        detectors: :class:`~gradwatch.Detector` objects run at observed steps.
+        detectors: :class:`~gradwatch.Detector` objects run at recorded steps.
         sinks: :class:`~gradwatch.Sink` objects fed at every flush.
-        every: observe (measure, detect, record) every ``every``-th step.
-        flush_every: observed steps kept in the device buffer between flushes.
-        measure: ``"hook"`` or ``"step"`` (see above).
+        every: record (measure, detect, record) every ``every``-th step.
+        flush_every: recorded steps kept in the device buffer between flushes
+            (the buffer grows as it fills, up to this many rows).
+        measure: ``"auto"``, ``"hook"`` or ``"step"`` (see above).
         scaler: a ``torch.amp.GradScaler``; the gradients are unscaled once
-            (``scaler.unscale_``) before measuring, non-finite steps are labelled
-            ``"amp_overflow"`` and the scale is recorded. Call :meth:`step`
-            before ``scaler.step(optimizer)``.
+            (``scaler.unscale_``, unless already done this step) before
+            measuring, non-finite steps are labelled ``"amp_overflow"`` and the
+            scale is recorded. Call :meth:`step` before ``scaler.step(optimizer)``.
 
     Raises:
         TypeError: ``model`` is neither a module nor named parameters, or a
-            clipper/detector/sink of the wrong type.
-        ValueError: no trainable parameter, ``every``/``flush_every`` < 1, or an
-            unknown ``measure``.
+            clipper/detector/sink/scaler of the wrong type.
+        ValueError: no trainable parameter, duplicate names,
+            ``every``/``flush_every`` out of range, or an unknown ``measure``.
 
     Example:
         >>> import gradwatch as gw
@@ -114,61 +189,62 @@ class GradWatch:
         self.names, self.params = named_trainable(model, "model")
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True: nothing to watch")
-        self.every = _int_at_least_1(every, "every")
-        self.flush_every = _int_at_least_1(flush_every, "flush_every")
-        if measure not in MODES:
-            raise ValueError(f"measure must be one of {MODES}, got {measure!r}")
-        if clipper is not None and not isinstance(clipper, Clipper):
-            raise TypeError(f"clipper must be a gradwatch Clipper or None, got {type(clipper).__name__}")
-        for d in detectors:
-            if not isinstance(d, Detector):
-                raise TypeError(f"detectors must be gradwatch Detector objects, got {type(d).__name__}")
-        for s in sinks:
+        self.every = check_int(every, "every", min=1)
+        self.flush_every = check_int(flush_every, "flush_every", min=1, max=MAX_FLUSH_EVERY)
+        check_choice(measure, "measure", MODES)
+        if clipper is not None:
+            check_instance(clipper, "clipper", Clipper, "a gradwatch Clipper or None")
+        self.detectors = _list_of(detectors, "detectors", Detector, "gradwatch Detector objects")
+        self.sinks = _list_of(sinks, "sinks", object, "sink objects")
+        for s in self.sinks:
             if not all(callable(getattr(s, m, None)) for m in ("open", "write", "close")):
                 raise TypeError(f"sinks must have open/write/close methods (gradwatch.Sink), got {type(s).__name__}")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.clipper = clipper
-        self.detectors = list(detectors)
-        self.sinks = list(sinks)
         self.scaler = scaler
-        self.measure = "step" if scaler is not None else measure
+        self.measure = _effective_mode(model, measure, scaler)
+        self._unwatched = _frozen_params(model)
 
-        P = len(self.params)
         self.device = self.params[0].device
         self.dtype = stat_dtype([p.dtype for p in self.params])
-        if clipper is not None:
-            clipper.bind(self.names, self.params)
-        for d in self.detectors:
-            d.bind(self.names)
-        self._history = History(self.names, meta=self._meta())
-        for s in self.sinks:
-            s.open(self.names, self._history.meta)
-
-        # Device buffer: rows of [norms (P) | total], written in place by the meter
-        # (no copy per step), plus a scratch row for steps that clip but are not
-        # observed. What the clipper and detectors add goes to `_extra` (lazily sized).
-        self._base = torch.zeros(self.flush_every + 1, P + 1, device=self.device, dtype=self.dtype)
-        self._row_views = [(r[:P], r[P]) for r in self._base.unbind()]
-        self._extra: Tensor | None = None
-        self._extra_rows: list[Tensor] = []
-        self._widths: list[int] | None = None  # slots each detector writes per row
-        self._pos = 0
-        track_order = any(isinstance(d, NonFinite) for d in self.detectors) or scaler is not None
+        self._layout = self._declare_layout()
+        self._rows = _Rows(self._layout, self.flush_every, self.device, self.dtype)
+        self._first_value_column = next((k for k in self._layout.names() if k not in ("norms", "total")), "")
+        self._pending: list[_RowMeta] = []
+        track_order = any(type(d).events is not Detector.events for d in self.detectors) or scaler is not None
         self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
-        self._row_meta: list[tuple[int, list[int], list[int], dict[str, Tensor]]] = []
+        self._gate = OptimizerGate(self._gated_step, self._flush_if_full, self._warn_unknown, self.params)
+        self._history = History(self.names, meta=self._meta())
+        self._warner = Warner()
         self._step = 0
         self._taps: dict[str, Tensor | None] = {}
-        self._stepped = False
-        self._pending_skip: Tensor | None = None
-        self._stash: list[tuple[Tensor, Tensor | None]] = []
-        self._set_found_inf: list[Any] = []
-        self._optimizers: dict[int, tuple[weakref.ref, list[Any]]] = {}
-        self._warner = Warner()
         self._closed = False
-        self._needs_every_step = clipper is not None
+        self._warned_unwatched = False
+        for s in self.sinks:
+            s.open(self.names, self._history.meta)
+        _OPEN.add(self)
 
     # -- set-up -------------------------------------------------------------------
+    def _declare_layout(self) -> RecordLayout:
+        """Every contributor's columns, declared once: meter, clipper, scaler, detectors."""
+        P = len(self.params)
+        layout = RecordLayout()
+        layout.declare("norms", P)  # the meter writes these two in place
+        layout.declare("total", 1, scalar=True)
+        if self.clipper is not None:
+            self.clipper.bind(self.names, self.params)
+            for key in ("clip.total", "clip.coef", "clip.threshold"):
+                layout.declare(key, 1, scalar=True)
+            layout.declare("clip.norms", P)
+        if self.scaler is not None:
+            layout.declare("scale", 1, scalar=True)
+        for i, d in enumerate(self.detectors):
+            d.bind(self.names, amp=self.scaler is not None)
+            for key, width in d.columns().items():
+                layout.declare(f"detector{i}.{key}", width)
+        return layout
+
     def _meta(self) -> dict[str, Any]:
         return {
             "clipper": repr(self.clipper) if self.clipper is not None else None,
@@ -180,165 +256,135 @@ class GradWatch:
     def attach(self, optimizer: torch.optim.Optimizer) -> GradWatch:
         """Run :meth:`step` automatically at every ``optimizer.step()``.
 
-        Uses ``optimizer.register_step_pre_hook`` (and a post hook that undoes
-        a skipped step's bookkeeping). Attaching the same optimizer twice does
-        nothing the second time. Returns ``self`` for chaining.
+        Uses the optimizer's step hooks (see :mod:`gradwatch.gate`): with a
+        closure (``optimizer.step(closure)``, LBFGS, Lightning) the step runs
+        after the closure's backward; with several attached optimizers on the
+        same gradients the step runs once per iteration. Attaching the same
+        optimizer twice does nothing the second time. Wrappers with an
+        ``.optimizer`` (accelerate's ``AcceleratedOptimizer``,
+        ``LightningOptimizer``) are unwrapped. Returns ``self`` for chaining.
 
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is not (and does not wrap) a ``torch.optim.Optimizer``.
             RuntimeError: the watch is closed.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self._check_open("attach")
-        if id(optimizer) in self._optimizers and self._optimizers[id(optimizer)][0]() is optimizer:
-            return self
-        handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-        ]
-        self._optimizers[id(optimizer)] = (weakref.ref(optimizer), handles)
+        self._gate.attach(optimizer)
         return self
 
     # -- the step -----------------------------------------------------------------
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not (self._stepped and not self._meter.touched):  # not already stepped by hand since backward
-            self.step(_optimizer=optimizer)
-        self._stepped = False
-        if self._pending_skip is not None:
-            flag, self._pending_skip = self._pending_skip, None
-            self._skip(optimizer, flag)
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for opt in self._set_found_inf:
-            del opt.found_inf
-        self._set_found_inf.clear()
-        for p, g in self._stash:
-            p.grad = g
-        self._stash.clear()
-
-    def _skip(self, optimizer: torch.optim.Optimizer | None, flag: Tensor) -> None:
-        """Make the coming optimizer step a no-op where ``flag`` is True."""
-        fused = optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
-        fused = fused and all(g.get("fused") for g in optimizer.param_groups)
-        if fused and self.scaler is None and getattr(optimizer, "found_inf", None) is None:
-            optimizer.found_inf = flag.to(torch.float32)  # the fused kernels skip the update
-            self._set_found_inf.append(optimizer)
-            return
-        if not bool(flag):  # one host sync: the optimizer cannot skip by itself
-            return
-        params = self.params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
-        for p in params:
-            if optimizer is not None:
-                self._stash.append((p, p.grad))
-            p.grad = None
-
-    def step(self, _optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Measure, detect, clip and record the current gradients.
+    def step(self) -> None:
+        """Measure, clip, detect and record the current gradients.
 
         Called automatically when attached; call it yourself after
         ``backward()`` and before ``optimizer.step()`` otherwise (with a
         ``scaler``, before ``scaler.step(optimizer)``). Calling it once per
         optimizer step is what gives one record per step under gradient
-        accumulation.
+        accumulation; an attached optimizer stepping right after it does not
+        record the step again.
 
         Raises:
-            RuntimeError: the watch is closed, or a ``scaler`` is set but no
-                optimizer is attached.
+            RuntimeError: the watch is closed, or a ``scaler`` is set but the
+                gradients cannot be unscaled (nothing attached, not unscaled).
             GradientAnomalyError: a detector with ``action="raise"`` fired.
         """
         self._check_open("step")
+        try:
+            skip = self._run_step()
+        except BaseException:
+            self._gate.close_round()
+            raise
+        self._gate.open_round(skip)
+        if not self._gate.optimizers():
+            if skip is not None:
+                self._gate.skip(None, skip, self.params)
+            self._flush_if_full()
+
+    def _gated_step(self) -> Tensor | None:
+        """The step as the optimizer gate runs it (it flushes after the optimizer's step)."""
+        self._check_open("step")
+        return self._run_step()
+
+    def _run_step(self) -> Tensor | None:
+        """The five phases; returns the skip flag (or None)."""
         step = self._step
-        observe = step % self.every == 0
         self._step += 1
-        self._meter.hot = self._step % self.every == 0 or self._needs_every_step
-        self._stepped = True
+        self._meter.hot = self._step % self.every == 0 or self.clipper is not None
+        observe = step % self.every == 0
+        try:
+            if not observe and self.clipper is None:
+                return None
+            grads, missing = self._grads()
+            row = self._rows.next() if observe else self._rows.scratch
+            self._measure(row, grads, missing)
+            clipped = self._clip(row, step)
+            if not observe:
+                return None
+            found = self._detect(row, step, missing)
+            self._record(row, step, missing, clipped, found)
+            return self._react(step, found)
+        finally:
+            self._taps.clear()
+            self._meter.reset()
+
+    def _grads(self) -> tuple[list[Tensor | None], list[int]]:
         grads = [p.grad for p in self.params]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        norms, total = self._row_views[self._pos if observe else self.flush_every]
-        if observe or self.clipper is not None:
-            self._measure(grads, missing, norms, total)
-        res = None
-        if self.clipper is not None:
-            res = self.clipper.clip_(ClipContext(self.params, self.names, norms, total, step))
-        flags: list[tuple[Detector, Tensor]] = []
-        if observe:
-            parts: list[Tensor] = []
-            if res is not None:
-                parts += [torch.stack([res.total, res.coef, res.threshold]).to(self.dtype), res.norms]
-            if self.scaler is not None:
-                parts.append(
-                    self.scaler._scale.reshape(1).to(self.dtype)
-                    if self.scaler._scale is not None
-                    else torch.full((1,), math.nan, device=self.device, dtype=self.dtype)
-                )
-            obs = Observation(step, norms, total, missing)
-            widths = []
-            for d in self.detectors:
-                slots, fired = d.observe(obs)
-                widths.append(0 if slots is None else slots.numel())
-                if slots is not None:
-                    parts.append(slots.to(self.dtype).reshape(-1))
-                if fired is not None and d.needs_flag and not (self.scaler is not None and isinstance(d, NonFinite)):
-                    flags.append((d, fired))
-            if self._widths is None:
-                self._widths = widths
-            if parts:
-                self._write_extra(parts)
-            self._pos += 1
-            taps = {k: v for k, v in self._taps.items() if v is not None}
-            self._row_meta.append((step, missing, list(self._meter.order), taps))
-        self._taps.clear()
-        self._meter.reset()
-        raising = [f for d, f in flags if d.action == "raise"]
-        if raising and bool(torch.stack(raising).any()):  # one host sync, by request
-            self.flush()
-            hit = next(e for e in self._history.events if e.step == step and self._raises(e))
-            raise GradientAnomalyError(hit)
-        skipping = [f for d, f in flags if d.action == "skip"]
-        if skipping:
-            flag = skipping[0] if len(skipping) == 1 else torch.stack(skipping).any()
-            if _optimizer is None and not self._optimizers:
-                self._skip(None, flag)
-            else:
-                self._pending_skip = flag
-        if observe and self._pos == self.flush_every:
-            self.flush()
+        return grads, [i for i, g in enumerate(grads) if g is None]
 
-    def _raises(self, event: Event) -> bool:
-        return any(d.action == "raise" and d.kind == event.kind for d in self.detectors)
-
-    def _measure(self, grads: list[Tensor | None], missing: list[int], norms: Tensor, total: Tensor) -> None:
-        """Write this step's norms and their total into a buffer row."""
+    def _measure(self, row: _Row, grads: list[Tensor | None], missing: list[int]) -> None:
+        """Phase 1: this step's norms and their total, into the row."""
         unscaled = self.scaler is not None and self.scaler.is_enabled()
         if unscaled:
-            self._unscale()
-            grads = [p.grad for p in self.params]
-        self._meter.measure(grads, missing, norms, hooks_valid=not unscaled)
-        torch.linalg.vector_norm(norms, out=total)
+            self._gate.unscale(self.scaler)
+            grads, missing = self._grads()
+        self._meter.measure(grads, missing, row.cols["norms"], hooks_valid=not unscaled)
+        torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
 
-    def _unscale(self) -> None:
-        opts = [ref() for ref, _ in self._optimizers.values() if ref() is not None]
-        if not opts:
-            raise RuntimeError("GradWatch(scaler=...) needs the optimizer: call watch.attach(optimizer) first")
-        for opt in opts:
-            try:
-                self.scaler.unscale_(opt)
-            except RuntimeError as exc:  # already unscaled by the user this step: fine
-                if "already been called" not in str(exc):
-                    raise
+    def _clip(self, row: _Row, step: int) -> ClipResult | None:
+        """Phase 2: the clipper, reusing the measured norms."""
+        if self.clipper is None:
+            return None
+        return self.clipper.clip_(ClipContext(self.params, self.names, row.cols["norms"], row.cols["total"], step))
 
-    def _write_extra(self, parts: list[Tensor]) -> None:
-        """Write the clipper's, scaler's and detectors' values of this row (one call)."""
-        if self._extra is None:
-            width = sum(t.numel() for t in parts)
-            self._extra = torch.zeros(self.flush_every, width, device=self.device, dtype=self.dtype)
-            self._extra_rows = list(self._extra.unbind())
-        row = self._extra_rows[self._pos]
-        if len(parts) == 1:
-            row.copy_(parts[0])
-        else:
-            torch.cat(parts, out=row)
+    def _detect(self, row: _Row, step: int, missing: list[int]) -> list[tuple[Detector, dict, Tensor]]:
+        """Phase 3: each detector's values and its "fired" flag (on the device)."""
+        obs = Observation(step, row.cols["norms"], row.cols["total"], missing)
+        return [(d, *d.observe(obs)) for d in self.detectors]
+
+    def _record(self, row: _Row, step: int, missing: list[int], clipped: ClipResult | None, found: list) -> None:
+        """Phase 4: the clipper's, scaler's and detectors' values into their declared columns (one op)."""
+        values: dict[str, Tensor] = {}
+        if clipped is not None:
+            values.update(
+                {
+                    "clip.total": clipped.total,
+                    "clip.coef": clipped.coef,
+                    "clip.threshold": clipped.threshold,
+                    "clip.norms": clipped.norms,
+                }
+            )
+        if self.scaler is not None:
+            scale = scale_of(self.scaler)
+            values["scale"] = scale if scale is not None else torch.full((), float("nan"), device=self.device)
+        for i, (_, vals, _) in enumerate(found):
+            values.update({f"detector{i}.{k}": v for k, v in vals.items()})
+        if values:
+            self._layout.write(row.tensor, values, first=self._first_value_column)
+        taps = {k: v for k, v in self._taps.items() if v is not None}
+        self._pending.append(_RowMeta(step, missing, list(self._meter.order), taps))
+
+    def _react(self, step: int, found: list[tuple[Detector, dict, Tensor | None]]) -> Tensor | None:
+        """Phase 5: raise now (one host sync), or return the skip flag for the optimizer gate."""
+        raising = [f for d, _, f in found if f is not None and d.action == "raise"]
+        if raising and bool(torch.stack(raising).any()):  # one host sync, by request
+            self.flush()
+            kinds = {d.kind for d, _, _ in found if d.action == "raise"}
+            hit = next(e for e in self._history.events if e.step == step and e.kind in kinds)
+            raise GradientAnomalyError(hit)
+        skipping = [f for d, _, f in found if f is not None and d.action == "skip"]
+        if not skipping:
+            return None
+        return skipping[0] if len(skipping) == 1 else torch.stack(skipping).any()
 
     # -- taps ---------------------------------------------------------------------
     def tap(self, tensor: Tensor, name: str) -> Tensor:
@@ -346,8 +392,11 @@ class GradWatch:
 
         Registers a backward hook on ``tensor`` (an activation, e.g. the hidden
         state ``h_t`` of an RNN) that stores ``‖∂L/∂tensor‖``; the values land in
-        ``History.taps`` / ``history[name]`` at the next observed step. A no-op
-        on steps that are not observed or for tensors without ``requires_grad``.
+        ``History.taps`` / ``history[name]`` at the next recorded step. A no-op
+        on steps that are not recorded or for tensors without ``requires_grad``.
+        Taps are the one contributor without a declared column: their names
+        are known only when ``tap()`` is called, so their values travel beside
+        the row (in the same device-to-host copy).
 
         Args:
             tensor: the intermediate tensor.
@@ -355,6 +404,9 @@ class GradWatch:
 
         Returns:
             ``tensor`` itself, so it can wrap an expression.
+
+        Raises:
+            ValueError: ``name`` is a parameter name.
 
         Example:
             >>> lin = torch.nn.Linear(2, 2); watch = GradWatch(lin)
@@ -376,94 +428,91 @@ class GradWatch:
         return tensor
 
     # -- flushing -----------------------------------------------------------------
+    def _flush_if_full(self) -> None:
+        if self._rows.full:
+            self.flush()
+
     def flush(self) -> None:
         """Copy the buffered rows to the host (one transfer) and hand them out.
 
-        Builds the :attr:`history` rows and events, fires warnings and
-        callbacks, and writes to every sink.
+        The rows and their events are stored in :attr:`history` first; then
+        every sink gets them, and warnings and callbacks fire. If any of those
+        raises, the others still run and the first error is raised at the end:
+        nothing recorded is lost.
         """
-        if self._pos == 0:
+        if not self._rows.count:
             return
-        n, self._pos = self._pos, 0
-        metas, self._row_meta = self._row_meta, []
-        tap_names: list[str] = []
-        tap_vals: list[Tensor] = []
-        for _, _, _, taps in metas:
-            for k, v in taps.items():
-                tap_names.append(k)
-                tap_vals.append(v.reshape(1))
-        pieces = [self._base[:n].reshape(-1)]
-        if self._extra is not None:
-            pieces.append(self._extra[:n].reshape(-1))
-        dev = torch.cat(pieces + tap_vals) if len(pieces) + len(tap_vals) > 1 else pieces[0]
-        host = dev.to("cpu", copy=True).numpy()  # the one device-to-host copy
-        base_w = self._base.shape[1]
-        extra_w = 0 if self._extra is None else self._extra.shape[1]
-        rows = host[: n * base_w].reshape(n, base_w)
-        if extra_w:
-            rows = np.concatenate([rows, host[n * base_w : n * (base_w + extra_w)].reshape(n, extra_w)], axis=1)
-        self._ingest(rows, metas, host[n * (base_w + extra_w) :])
+        metas, self._pending = self._pending, []
+        cols, taps = self._to_host(metas)
+        chunk, reactions = self._chunk(cols, metas, taps)
+        self._history.extend(chunk)
+        errors: list[BaseException] = []
+        for sink in self.sinks:
+            _collect(errors, sink.write, chunk)
+        for detector, event in reactions:
+            _collect(errors, self._act, detector, event)
+        self._check_unwatched(errors)
+        if errors:
+            raise errors[0]
 
-    def _ingest(self, rows: np.ndarray, metas: list, tap_flat: np.ndarray) -> None:
-        P = len(self.names)
-        n = len(rows)
-        norms = rows[:, :P]
-        total = rows[:, P]
-        c = P + 1
-        kw: dict[str, Any] = {}
-        if self.clipper is not None:
-            kw.update(total_clipped=rows[:, c], clip_coef=rows[:, c + 1], clip_threshold=rows[:, c + 2])
-            kw["norms_clipped"] = rows[:, c + 3 : c + 3 + P]
-            c += 3 + P
-        if self.scaler is not None:
-            kw["scale"] = rows[:, c]
-            c += 1
+    def _to_host(self, metas: list[_RowMeta]) -> tuple[dict[str, np.ndarray], list[tuple[str, int, float]]]:
+        """The one device-to-host copy: the filled rows and the tapped values, split by column."""
+        n = self._rows.count
+        dev = self._rows.filled().reshape(-1)
+        tapped = [(r, k, v.reshape(1)) for r, m in enumerate(metas) for k, v in m.taps.items()]
+        if tapped:
+            dev = torch.cat([dev, *(v for _, _, v in tapped)])
+        host = dev.to("cpu", copy=True).numpy()
+        self._rows.count = 0
+        width = self._layout.width
+        cols = self._layout.split(host[: n * width].reshape(n, width))
+        return cols, [(k, r, float(x)) for (r, k, _), x in zip(tapped, host[n * width :])]
+
+    def _chunk(
+        self, cols: dict[str, np.ndarray], metas: list[_RowMeta], tapped: list[tuple[str, int, float]]
+    ) -> tuple[History, list[tuple[Detector, Event]]]:
+        """The flushed rows as a History, with their events (and who reacts to each)."""
+        n, P = len(metas), len(self.names)
+        norms, total = cols["norms"], cols["total"]
         missing = np.zeros((n, P), bool)
-        for r, (_, miss, _, _) in enumerate(metas):
-            missing[r, miss] = True
+        for r, m in enumerate(metas):
+            missing[r, m.missing] = True
         taps: dict[str, np.ndarray] = {}
-        k = 0
-        for r, (_, _, _, tap) in enumerate(metas):
-            for name in tap:
-                taps.setdefault(name, np.full(n, np.nan))[r] = tap_flat[k]
-                k += 1
+        for name, r, value in tapped:
+            taps.setdefault(name, np.full(n, np.nan))[r] = value
         events: list[Event] = []
-        slot_start = c
-        for r, (step, _, order, _) in enumerate(metas):
+        reactions: list[tuple[Detector, Event]] = []
+        for r, m in enumerate(metas):
             if self.scaler is not None and not np.isfinite(norms[r]).all():
-                events.extend(
-                    Event(step, "amp_overflow", self.names[i], float(norms[r, i]), None)
-                    for i in ready_first(order, ~np.isfinite(norms[r]))
-                )
-            c = slot_start
-            for d, width in zip(self.detectors, self._widths or [0] * len(self.detectors)):
-                slots = rows[r, c : c + width]
-                c += width
-                if self.scaler is not None and isinstance(d, NonFinite):
-                    continue
-                rec = Record(step, norms[r], float(total[r]), slots, missing[r], order)
-                for e in d.events(rec):
+                bad = ~np.isfinite(norms[r])
+                events += [
+                    Event(m.step, "amp_overflow", self.names[i], float(norms[r, i])) for i in ready_first(m.order, bad)
+                ]
+            for i, d in enumerate(self.detectors):
+                values = {k.split(".", 1)[1]: cols[k][r] for k in self._layout.names(f"detector{i}.")}
+                for e in d.events(Record(m.step, norms[r], float(total[r]), values, missing[r], m.order)):
                     events.append(e)
-                    self._act(d, e)
-        steps = [m[0] for m in metas]
+                    reactions.append((d, e))
+        clip = {}
+        if self.clipper is not None:
+            clip = {
+                "total_clipped": cols["clip.total"],
+                "clip_coef": cols["clip.coef"],
+                "clip_threshold": cols["clip.threshold"],
+                "norms_clipped": cols["clip.norms"],
+            }
         chunk = History(self.names, self._history.meta)
         chunk.append(
-            steps,
-            norms.copy(),
-            grad_missing=missing,
-            total=total.copy(),
+            [m.step for m in metas],
+            norms,
+            total=total,
+            grad_missing=missing if missing.any() else None,
+            scale=cols.get("scale"),
             taps=taps,
             events=events,
-            **{k: v.copy() for k, v in kw.items()},
+            **clip,
         )
-        self._history._chunks.extend(chunk._chunks)
-        for name in chunk.tap_names:
-            if name not in self._history.tap_names:
-                self._history.tap_names.append(name)
-        self._history.events.extend(events)
-        self._history._cache = None
-        for s in self.sinks:
-            s.write(chunk)
+        return chunk, reactions
 
     def _act(self, d: Detector, e: Event) -> None:
         if d.action == "warn":
@@ -473,6 +522,21 @@ class GradWatch:
         elif callable(d.action):
             d.action(e)
 
+    def _check_unwatched(self, errors: list[BaseException]) -> None:
+        """Warn once about frozen-at-build parameters that now receive gradients."""
+        if self._warned_unwatched:
+            return
+        late = [name for name, p in self._unwatched if p.grad is not None]
+        if late:
+            self._warned_unwatched = True
+            _collect(errors, warn_unwatched, late)
+
+    def _warn_unknown(self, params: list[Tensor]) -> None:
+        if not self._warned_unwatched:
+            self._warned_unwatched = True
+            names = {id(p): n for n, p in self._unwatched}
+            warn_unwatched([names.get(id(p), f"<{tuple(p.shape)} tensor>") for p in params])
+
     # -- reading and closing --------------------------------------------------------
     @property
     def history(self) -> History:
@@ -481,7 +545,7 @@ class GradWatch:
         return self._history
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counters and the clipper's and detectors' state, for checkpoints."""
+        """Step counter and the clipper's and detectors' state, for checkpoints."""
         return {
             "step": self._step,
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
@@ -492,35 +556,46 @@ class GradWatch:
         """Restore :meth:`state_dict` (the history itself is not part of it).
 
         Raises:
-            ValueError: the state has a different number of detectors.
+            ValueError: the state is not a GradWatch state, or has another
+                number of detectors, a clipper state without a clipper here,
+                or a clipper/detector state that does not fit.
         """
+        if not isinstance(state, dict) or not {"step", "clipper", "detectors"} <= set(state):
+            raise ValueError("state must be a dict from GradWatch.state_dict() (keys 'step', 'clipper', 'detectors')")
         if len(state["detectors"]) != len(self.detectors):
             raise ValueError(f"state has {len(state['detectors'])} detectors, this watch {len(self.detectors)}")
-        self._step = int(state["step"])
-        self._meter.hot = self._step % self.every == 0 or self._needs_every_step
-        if self.clipper is not None and state["clipper"] is not None:
+        if (state["clipper"] is None) != (self.clipper is None):
+            raise ValueError("state and watch disagree on having a clipper")
+        if self.clipper is not None:
             self.clipper.load_state_dict(state["clipper"])
         for d, st in zip(self.detectors, state["detectors"]):
             d.load_state_dict(st)
+        self._step = check_int(state["step"], "state['step']", min=0)
+        self._meter.hot = self._step % self.every == 0 or self.clipper is not None
 
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise RuntimeError(f"GradWatch.{what}() after close(): create a new GradWatch to watch again")
 
     def close(self) -> None:
-        """Flush, remove every hook and close the sinks. Safe to call twice."""
+        """Flush, remove every hook and close the sinks. Safe to call twice.
+
+        The hooks are removed and the sinks closed even if the flush raises;
+        the flush's error is raised after.
+        """
         if self._closed:
             return
-        self.flush()
-        self._meter.remove()
-        for _, handles in self._optimizers.values():
-            for h in handles:
-                h.remove()
-        self._optimizers.clear()
-        self._warner.summary()
-        for s in self.sinks:
-            s.close()
         self._closed = True
+        _OPEN.discard(self)
+        errors: list[BaseException] = []
+        _collect(errors, self.flush)
+        self._meter.remove()
+        self._gate.detach_all()
+        _collect(errors, self._warner.summary)
+        for s in self.sinks:
+            _collect(errors, s.close)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> GradWatch:
         return self
@@ -533,3 +608,48 @@ class GradWatch:
             f"GradWatch({len(self.params)} parameters, clipper={self.clipper!r}, "
             f"detectors={self.detectors!r}, every={self.every}, measure={self.measure!r})"
         )
+
+
+def _collect(errors: list[BaseException], fn: Any, *args: Any) -> None:
+    """Run ``fn``; keep its exception for later instead of letting it stop the others."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        errors.append(exc)
+
+
+def _list_of(items: Any, argname: str, cls: type, what: str) -> list:
+    if items is None or isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"{argname} must be a list of {what} (use () for none), got {items!r}")
+    items = list(items)
+    for x in items:
+        if not isinstance(x, cls):
+            raise TypeError(f"{argname} must be {what}, got {type(x).__name__}")
+    return items
+
+
+def _effective_mode(model: Any, measure: str, scaler: Any) -> str:
+    """The measurement mode actually used: ``"step"`` with AMP, and for ``"auto"`` under DDP."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if scaler is not None:
+        return "step"
+    if measure == "auto" and ddp:
+        return "step"
+    if measure == "hook" and ddp:
+        import warnings
+
+        warnings.warn(
+            "GradWatch(measure='hook') on a DistributedDataParallel model: hooks see each rank's local "
+            "gradients before DDP's all-reduce; use measure='step' (the default 'auto' does) for the "
+            "synchronized gradients",
+            UserWarning,
+            stacklevel=3,
+        )
+    return measure
+
+
+def _frozen_params(model: Any) -> list[tuple[str, Tensor]]:
+    """The module's parameters that do not require a gradient now (watched for a late unfreeze)."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [(clean_name(n), p) for n, p in model.named_parameters() if not p.requires_grad]

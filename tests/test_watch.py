@@ -283,8 +283,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="requires_grad"):
         gw.GradWatch(frozen)
     for arg in ("every", "flush_every"):
-        for bad in (0, -1, 1.5):
+        for bad in (0, -1):
             with pytest.raises(ValueError, match=arg):
+                gw.GradWatch(mlp(), **{arg: bad})
+        for bad in (1.5, 3.0, True):
+            with pytest.raises(TypeError, match=arg):
                 gw.GradWatch(mlp(), **{arg: bad})
     with pytest.raises(ValueError, match="measure"):
         gw.GradWatch(mlp(), measure="fast")

@@ -1,0 +1,110 @@
+"""Every use of torch-private API in gradwatch, in one place.
+
+A torch upgrade that changes one of these fails here, in the one test per shim
+(``tests/test_compat.py``), not somewhere deep in a training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "TorchDispatchMode",
+    "foreach_norm",
+    "found_inf_safe",
+    "scale_of",
+    "set_found_inf",
+    "unscale_once",
+    "unscaled_this_step",
+]
+
+
+def foreach_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``torch._foreach_norm`` where the device has it (CPU, CUDA, the private-use backend), else a loop.
+
+    Same kernels as ``torch.nn.utils.get_total_norm``, hence the same bits.
+    """
+    device = tensors[0].device
+    if device.type in ("cpu", "cuda") or device.type == torch._C._get_privateuse1_backend_name():
+        return list(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
+    return [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
+
+
+# -- GradScaler ------------------------------------------------------------------------
+def scale_of(scaler: Any) -> Tensor | None:
+    """The scaler's current scale tensor (``GradScaler._scale``), None before its first use."""
+    return getattr(scaler, "_scale", None)
+
+
+def _unscaled_stage() -> Any:
+    from torch.amp.grad_scaler import OptState
+
+    return OptState.UNSCALED
+
+
+def unscaled_this_step(scaler: Any, optimizer: Any | None = None) -> bool:
+    """Whether ``scaler.unscale_`` already ran this step (for ``optimizer``, or for any optimizer).
+
+    Reads ``GradScaler._per_optimizer_states``: the scaler's own record,
+    which its ``update()`` resets every step.
+    """
+    states = getattr(scaler, "_per_optimizer_states", {})
+    if optimizer is not None:
+        return states.get(id(optimizer), {}).get("stage") is _unscaled_stage()
+    return any(s.get("stage") is _unscaled_stage() for s in states.values())
+
+
+def unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless it already ran this step (``unscale_`` raises then)."""
+    if not unscaled_this_step(scaler, optimizer):
+        scaler.unscale_(optimizer)
+
+
+# -- the optimizer's found_inf protocol (what GradScaler uses to skip fused steps) --------
+def found_inf_safe(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a ``found_inf`` flag makes this step of ``optimizer`` a clean no-op.
+
+    The fused optimizers (``fused=True``, ``_step_supports_amp_scaling``) skip
+    their update when ``optimizer.found_inf`` is nonzero, and Adam, AdamW and
+    Adagrad also take back their step count. One case is not clean: on its
+    first step fused SGD with momentum allocates its momentum buffers
+    uninitialised (``torch.empty_like``) and lets the kernel fill them; a
+    skipped kernel leaves garbage that the next step applies. So SGD with
+    momentum qualifies only once every parameter with a gradient has its buffer.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    if getattr(optimizer, "found_inf", None) is not None:  # a GradScaler is using the protocol
+        return False
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            return False
+        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
+            state = optimizer.state
+            if any(p.grad is not None and "momentum_buffer" not in state.get(p, ()) for p in group["params"]):
+                return False
+    return True
+
+
+def set_found_inf(optimizer: torch.optim.Optimizer, flag: Tensor | None) -> None:
+    """Set (a 0-d tensor, nonzero = skip) or remove (None) ``optimizer.found_inf``."""
+    if flag is None:
+        if hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+    else:
+        optimizer.found_inf = flag.to(torch.float32)
+
+
+# -- optimizer hooks --------------------------------------------------------------------
+def has_step_hooks(optimizer: Any) -> bool:
+    """Whether ``optimizer`` was built by ``Optimizer.__init__`` (so its step hooks work).
+
+    Wrappers that subclass ``Optimizer`` without calling its ``__init__``
+    (accelerate's ``AcceleratedOptimizer``) lack the hook dictionaries.
+    """
+    return hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "_optimizer_step_post_hooks")

@@ -1,0 +1,254 @@
+"""The optimizer gate: when a watch step runs, and how an optimizer step is skipped.
+
+:class:`~gradwatch.GradWatch` knows how to measure, clip, detect and record;
+this module knows optimizers: their step hooks, closures, several optimizers
+stepping the same gradients, AMP unscaling, and making a step a no-op.
+
+Rounds
+    A *round* is one set of gradients (one backward, or one accumulation
+    cycle). A watch step opens a round; each attached optimizer that steps
+    joins it. An optimizer that steps again, while already in the round, means
+    new gradients: a new watch step opens a new round. So one model with one
+    optimizer per parameter group (or Muon + AdamW) gets one row and one clip
+    per iteration, and ``watch.step()`` by hand followed by ``optimizer.step()``
+    records once.
+
+Closures
+    ``optimizer.step(closure)`` (LBFGS, Lightning's automatic optimization)
+    runs forward and backward inside the step, after the step pre-hook. The
+    gate wraps the closure so that the watch step runs after the closure's
+    first call -- on *this* step's gradients, once per step.
+
+Skipping
+    A skipped step leaves weights and optimizer state untouched. Fused
+    optimizers whose state exists skip through ``optimizer.found_inf`` (as
+    ``GradScaler`` does: no host sync); otherwise the gradients are hidden
+    from the optimizer (``p.grad = None``) for that step and restored after
+    it, at the cost of one host sync to read the flag.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwatch._compat import found_inf_safe, has_step_hooks, set_found_inf, unscale_once, unscaled_this_step
+
+__all__ = ["OptimizerGate", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` behind ``optimizer`` (accelerate's and Lightning's wrappers unwrapped).
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer, or a wrapper whose
+            optimizer gradwatch cannot reach (the message names the wrapper).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> unwrap_optimizer(opt) is opt
+        True
+    """
+    seen = 0
+    obj = optimizer
+    while not (isinstance(obj, torch.optim.Optimizer) and has_step_hooks(obj)):
+        inner = getattr(obj, "optimizer", None) or getattr(obj, "_optimizer", None)
+        if inner is None or inner is obj or seen > 4:
+            wrapper = type(optimizer).__name__
+            if isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer is a {wrapper}, a wrapper without torch's step hooks; pass the wrapped "
+                    f"optimizer (e.g. {wrapper}.optimizer) to attach(), or call watch.step() yourself"
+                )
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {wrapper}")
+        obj, seen = inner, seen + 1
+    return obj
+
+
+class OptimizerGate:
+    """Runs a watch step at the right moment of each attached optimizer's step.
+
+    Args:
+        on_grads: runs one watch step on the current gradients; returns a 0-d
+            bool tensor (True: skip this step) or None.
+        on_done: runs after each attached optimizer's step (the watch flushes there).
+        on_unknown: called once with the parameters an attached optimizer
+            updates but the watch does not know (e.g. added with
+            ``add_param_group`` after the watch was built).
+    """
+
+    def __init__(
+        self,
+        on_grads: Callable[[], Tensor | None],
+        on_done: Callable[[], None],
+        on_unknown: Callable[[list[Tensor]], None],
+        watched: Sequence[Tensor],
+    ) -> None:
+        self._on_grads = on_grads
+        self._on_done = on_done
+        self._on_unknown = on_unknown
+        self._watched = {id(p) for p in watched}
+        self._optimizers: dict[int, tuple[weakref.ref, list[Any], int]] = {}
+        self._round: set[int] | None = None  # ids of the optimizers in the open round
+        self._skip_flag: Tensor | None = None
+        self._undo: list[Callable[[], None]] = []
+
+    # -- attaching ---------------------------------------------------------------
+    def attach(self, optimizer: Any) -> torch.optim.Optimizer:
+        """Hook ``optimizer`` (unwrapped); attaching it again does nothing. Returns the optimizer."""
+        opt = unwrap_optimizer(optimizer)
+        entry = self._optimizers.get(id(opt))
+        if entry is not None and entry[0]() is opt:
+            return opt
+        handles = [opt.register_step_pre_hook(self._pre), opt.register_step_post_hook(self._post)]
+        self._optimizers[id(opt)] = (weakref.ref(opt), handles, -1)
+        return opt
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The attached optimizers that are still alive."""
+        return [o for ref, _, _ in self._optimizers.values() if (o := ref()) is not None]
+
+    def detach_all(self) -> None:
+        """Remove every hook and undo a pending skip."""
+        self._restore()
+        for _, handles, _ in self._optimizers.values():
+            for h in handles:
+                h.remove()
+        self._optimizers.clear()
+        self._round = None
+
+    # -- rounds ------------------------------------------------------------------
+    def open_round(self, skip: Tensor | None) -> None:
+        """A watch step ran by hand: attached optimizers stepping next join it (and its skip)."""
+        self._round, self._skip_flag = set(), skip
+
+    def close_round(self) -> None:
+        """Forget the open round (after an exception): the next optimizer step opens a new one."""
+        self._round, self._skip_flag = None, None
+
+    def _arrive(self, opt: torch.optim.Optimizer) -> None:
+        """``opt``'s gradients are ready: join the open round, or run a watch step for a new one."""
+        if self._round is None or id(opt) in self._round:
+            self.close_round()
+            self.open_round(self._on_grads())
+        assert self._round is not None
+        self._round.add(id(opt))
+        if self._skip_flag is not None:
+            self.skip(opt, self._skip_flag)
+
+    # -- hooks -------------------------------------------------------------------
+    def _pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._restore()  # a previous step that raised left its skip in place
+        self._check_params(opt)
+        # args are step()'s positional arguments, self included: (optimizer, closure?)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            try:
+                self._arrive(opt)
+            except BaseException:
+                self.close_round()
+                raise
+            return None
+        wrapped = self._after_first_call(opt, closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
+
+    def _after_first_call(self, opt: torch.optim.Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        called = False
+
+        def closure_then_watch() -> Any:
+            nonlocal called
+            loss = closure()
+            if not called:
+                called = True
+                try:
+                    self._arrive(opt)
+                except BaseException:
+                    self.close_round()
+                    raise
+            return loss
+
+        return closure_then_watch
+
+    def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._restore()
+        self._on_done()
+
+    def _check_params(self, opt: torch.optim.Optimizer) -> None:
+        """Warn once about parameters ``opt`` updates that the watch does not know."""
+        ref, handles, groups = self._optimizers[id(opt)]
+        if groups == len(opt.param_groups):
+            return
+        self._optimizers[id(opt)] = (ref, handles, len(opt.param_groups))
+        unknown = [p for g in opt.param_groups for p in g["params"] if id(p) not in self._watched and p.requires_grad]
+        if unknown:
+            self._on_unknown(unknown)
+
+    # -- skipping ----------------------------------------------------------------
+    def skip(self, opt: torch.optim.Optimizer | None, flag: Tensor, params: Sequence[Tensor] = ()) -> None:
+        """Make ``opt``'s coming step a no-op where ``flag`` is True.
+
+        With ``opt=None`` (stepping by hand, nothing attached) the gradients
+        of ``params`` are dropped (``p.grad = None``) when the flag is set.
+        """
+        if opt is not None and found_inf_safe(opt):
+            set_found_inf(opt, flag)
+            self._undo.append(lambda: set_found_inf(opt, None))
+            return
+        if not bool(flag):  # one host sync: the optimizer cannot skip by itself
+            return
+        if opt is None:
+            for p in params:
+                p.grad = None
+            return
+        stash = [(p, p.grad) for g in opt.param_groups for p in g["params"]]
+        for p, _ in stash:
+            p.grad = None
+
+        def restore() -> None:
+            for p, g in stash:
+                p.grad = g
+
+        self._undo.append(restore)
+
+    def _restore(self) -> None:
+        undo, self._undo = self._undo, []
+        for fn in undo:
+            fn()
+
+    # -- AMP ---------------------------------------------------------------------
+    def unscale(self, scaler: Any) -> None:
+        """Unscale the gradients of every attached optimizer once this step.
+
+        Raises:
+            RuntimeError: nothing is attached and the gradients have not been
+                unscaled this step (``scaler.unscale_(optimizer)``).
+        """
+        opts = self.optimizers()
+        if not opts:
+            if unscaled_this_step(scaler):
+                return
+            raise RuntimeError(
+                "GradWatch(scaler=...) must unscale the gradients before measuring them: call "
+                "watch.attach(optimizer), or scaler.unscale_(optimizer) before watch.step()"
+            )
+        for opt in opts:
+            unscale_once(scaler, opt)
+
+
+def warn_unwatched(names: list[str]) -> None:
+    """The one-time warning about parameters that get gradients but are not watched."""
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    warnings.warn(
+        f"gradwatch: {len(names)} parameter(s) receive gradients but are not watched or clipped "
+        f"({shown}): they were frozen or not in the model when the GradWatch was built. "
+        "Build the GradWatch after unfreezing / adding parameter groups.",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradwatch._validate import check_float
+
 __all__ = [
     "NormReducer",
     "check_process_group",
@@ -245,10 +247,7 @@ def _as_group(pg: Any) -> Any:
 
 
 def _norm_type(norm_type: float) -> float:
-    p = float(norm_type)
-    if not p > 0:  # also rejects NaN
-        raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
-    return p
+    return check_float(norm_type, "norm_type", min=0, min_open=True, allow_inf=True)
 
 
 # --------------------------------------------------------------------------- meshes and placements
@@ -698,7 +697,9 @@ def count_collectives() -> Iterator[CollectiveCount]:
     the PyTorch profiler, by kind: ``all_reduce``, ``all_gather``,
     ``reduce_scatter``, ``broadcast``, ``all_to_all``, ``send``, ``recv``,
     ``barrier``. For tests and benchmarks, not for the training loop (the
-    profiler slows the block down).
+    profiler slows the block down). Do not run a ``TorchDispatchMode`` (such as
+    :class:`~gradwatch.count_host_syncs`) inside the block: the profiler then
+    sees each collective twice.
 
     Example:
         >>> with count_collectives() as c:

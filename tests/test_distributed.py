@@ -43,6 +43,7 @@ from gradwatch.distributed import (
     total_norm,
     unwrap_ddp,
 )
+from gradwatch.syncs import count_host_syncs
 
 P_TYPES = (2.0, 1.0, 3.0, math.inf)
 MAX_NORM = 0.1  # binds at every step of the reference run (asserted below)
@@ -219,6 +220,11 @@ def s_fsdp2(rank: int, world: int):
     with count_collectives() as c:
         ours_total = engine_clip_(params, MAX_NORM, reducer)
     out["clip_counts"] = dict(c.counts)
+    for p, s in zip(params, saved):
+        p.grad = s.clone()
+    with count_host_syncs() as hs:  # a separate call: a dispatch mode inside the profiler double-counts
+        engine_clip_(params, MAX_NORM, reducer)
+    out["clip_syncs"] = hs.syncs
     ours = [local_tensor(p.grad).clone() for p in params]
     for p, s in zip(params, saved):
         p.grad = s.clone()
@@ -505,6 +511,7 @@ def test_fsdp2_global_clip_matches_clip_grad_norm(two):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
         assert r["clip_counts"] == {"all_reduce": 1}
+        assert r["clip_syncs"] == 0
         assert r["torch_clip_counts"].get("all_gather", 0) == 0
 
 

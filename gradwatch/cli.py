@@ -1,19 +1,25 @@
 """The ``gradwatch`` command: summarise, plot and compare recorded runs.
 
-RUN is a history written by ``History.save`` (``.npz``) or a file of
-:class:`~gradwatch.CSVSink` (``.csv``) or :class:`~gradwatch.JSONLSink`
-(``.jsonl``). Any problem with a file is one line on stderr and exit status 2.
+RUN is a run file: a ``.npz`` written by :meth:`History.save
+<gradwatch.History.save>`, a ``.csv`` written by :class:`~gradwatch.CSVSink`
+or a ``.jsonl`` written by :class:`~gradwatch.JSONLSink`. A file with another
+suffix is recognised from its first bytes (at most 4 KiB are read for that).
+CSV and JSONL files are read in blocks into numpy arrays, so memory grows with
+the numbers (8 bytes each), never with the text. Any problem with a file or an
+option is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,16 +27,75 @@ from gradwatch.history import History
 
 __all__ = ["load_run", "main"]
 
+FORMATS = ".npz (History.save), .csv (CSVSink) or .jsonl (JSONLSink)"
+_SNIFF_BYTES = 4096
+#: first bytes of common files that are not runs, for a helpful error
+_NOT_RUNS = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"<svg", "an SVG image"),
+    (b"<?xml", "an XML document"),
+    (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"),
+)
+
 
 class RunError(Exception):
-    """A run file that cannot be read; the message is shown as it is."""
+    """A run file or an option that cannot be used; the message is shown as it is."""
 
 
-def load_run(path: str | Path) -> History:
-    """Read a run from ``.npz``, ``.csv`` or ``.jsonl``, with one-line errors.
+def _sniff(p: Path) -> str:
+    """The reader for ``p`` from at most its first 4 KiB: ``".npz"``, ``".csv"`` or ``".jsonl"``.
 
     Raises:
-        RunError: missing, empty, truncated or foreign file.
+        RunError: the file is not a run file (the message says what it looks like).
+    """
+    with open(p, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    for magic, what in _NOT_RUNS:
+        if head.startswith(magic):
+            raise RunError(f"{p}: is {what}, not a gradwatch run file (expected {FORMATS})")
+    if head.startswith(b"PK\x03\x04"):
+        return ".npz"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"{"):
+        return ".jsonl"
+    if text.startswith(b"step,total,"):
+        return ".csv"
+    what = "binary data" if b"\x00" in head or _undecodable(head) else "text of another kind"
+    raise RunError(f"{p}: is {what}, not a gradwatch run file (expected {FORMATS})")
+
+
+def _undecodable(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 4  # a multi-byte character cut at the 4 KiB mark is fine
+    return False
+
+
+def load_run(path: str | os.PathLike) -> History:
+    """Read a run from ``.npz``, ``.csv`` or ``.jsonl``, with one-line errors.
+
+    A known suffix picks the reader; any other file is recognised from at most
+    its first 4 KiB.
+
+    Args:
+        path: the run file.
+
+    Returns:
+        The :class:`~gradwatch.History`.
+
+    Raises:
+        RunError: a missing, empty, truncated or foreign file, or one without rows.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.log")
+        >>> _ = open(path, "w").write("step,total,total_clipped,clip_coef,w\\n0,2.0,2.0,1.0,2.0\\n")
+        >>> load_run(path)["w"].tolist()
+        [2.0]
     """
     from gradwatch.sinks import read_csv, read_jsonl
 
@@ -38,19 +103,19 @@ def load_run(path: str | Path) -> History:
     if not p.exists():
         raise RunError(f"{p}: no such file")
     if p.is_dir():
-        raise RunError(f"{p}: is a directory, expected a .npz, .csv or .jsonl run file")
+        raise RunError(f"{p}: is a directory, expected a run file: {FORMATS}")
     if p.stat().st_size == 0:
         raise RunError(f"{p}: the file is empty")
-    suffix = p.suffix.lower()
     readers = {".npz": History.load, ".csv": read_csv, ".jsonl": read_jsonl, ".json": read_jsonl}
+    suffix = p.suffix.lower()
     if suffix not in readers:
-        head = p.read_bytes()[:4]
-        suffix = ".npz" if head.startswith(b"PK") else ".jsonl" if head.startswith(b"{") else ".csv"
+        suffix = _sniff(p)
     try:
         h = readers[suffix](p)
-    except RunError:
-        raise
     except Exception as exc:  # any parse failure becomes one readable line
+        if isinstance(exc, OSError):
+            raise RunError(f"{p}: cannot read it ({exc.strerror or exc})") from exc
+        _sniff(p)  # a PNG named run.csv: say what it is
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunError(f"{p}: cannot read it as a gradwatch run ({detail})") from exc
     if len(h) == 0:
@@ -62,107 +127,240 @@ def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
 
 
+def _clipping_line(h: History) -> str:
+    """What the run's clipping did, or why that is not known."""
+    if "clipper" in h.meta and h.meta["clipper"] is None:
+        return "clipping: off (the run had no clipper)"
+    frac = h.clip_fraction
+    if math.isnan(frac):
+        return "clipping: unknown (this file does not hold the clip coefficient)"
+    clipper = h.meta.get("clipper")
+    if clipper is not None:
+        return f"clipping bound on {frac:.1%} of steps ({clipper})"
+    if frac > 0:
+        return f"clipping bound on {frac:.1%} of steps"
+    return "clipping never bound (this file does not record whether the run had a clipper)"
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     h = load_run(args.run)
     rows = h.summary()
-    width = max(len("parameter"), *(len(r["name"]) for r in rows))
-    print(f"{args.run}: {len(h)} steps ({h.steps[0]}..{h.steps[-1]}), {len(h.names)} parameters")
+    no_events = h.meta.get("source_format") == "csv"  # CSV files hold no events
+    width = max(len("parameter"), len("global norm"), *(len(r["name"]) for r in rows))
+    steps = h.steps
+    print(f"{args.run}: {len(h)} steps ({steps[0]}..{steps[-1]}), {len(h.names)} parameters")
+    if len(steps) > 1 and np.any(np.diff(steps) <= 0):
+        print("warning: the steps do not increase: this file may hold several runs")
     cols = ("max", "median", "last", "non-finite")
     header = f"{'parameter':<{width}}  " + "  ".join(f"{c:>10}" for c in cols) + f"  {'clipped':>8}  {'events':>6}"
     print(header)
     print("-" * len(header))
     for r in rows:
+        clipped = "?" if r["clipped"] is None else r["clipped"]
+        events = "?" if no_events else r["events"]
         print(
             f"{r['name']:<{width}}  {_fmt(r['max']):>10}  {_fmt(r['median']):>10}  {_fmt(r['last']):>10}  "
-            f"{r['nonfinite']:>10}  {r['clipped']:>8}  {r['events']:>6}"
+            f"{r['nonfinite']:>10}  {clipped:>8}  {events:>6}"
         )
-    fin = h.total[np.isfinite(h.total)]
+    total = h.total
+    fin = total[np.isfinite(total)]
     peak, median = (float(fin.max()), float(np.median(fin))) if fin.size else (math.nan, math.nan)
     print("-" * len(header))
-    print(f"{'global norm':<{width}}  {_fmt(peak):>10}  {_fmt(median):>10}  {_fmt(float(h.total[-1])):>10}")
-    print(f"clipping bound on {h.clip_fraction:.1%} of steps")
-    kinds = Counter(e.kind for e in h.events)
-    print("events: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else "none"))
+    nonfinite = int((~np.isfinite(total)).sum())
+    print(
+        f"{'global norm':<{width}}  {_fmt(peak):>10}  {_fmt(median):>10}  {_fmt(float(total[-1])):>10}  {nonfinite:>10}"
+    )
+    print(_clipping_line(h))
+    if no_events:
+        print("events: unknown (CSV files do not hold events; JSONLSink and History.save do)")
+    else:
+        kinds = Counter(e.kind for e in h.events)
+        print("events: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else "none"))
+    if any(r["clipped"] is None for r in rows):
+        print("clipped ?: unknown, this file does not hold post-clip norms per parameter (History.save does)")
     return 0
 
 
-def _savefig(fig, out: Path) -> None:
+def _output(fig: Any, out: Path) -> tuple[Path, str]:
+    """The file matplotlib will write for ``-o out`` and its format.
+
+    Raises:
+        RunError: the suffix is not an image format matplotlib can write.
+    """
+    import matplotlib
+
+    formats = fig.canvas.get_supported_filetypes()
+    if not out.suffix:
+        fmt = matplotlib.rcParams["savefig.format"]
+        return out.with_name(out.name + "." + fmt), fmt
+    fmt = out.suffix[1:].lower()
+    if fmt not in formats:
+        raise RunError(f"-o {out}: {fmt!r} is not an image format; use a suffix from {', '.join(sorted(formats))}")
+    return out, fmt
+
+
+def _savefig(fig: Any, out: Path) -> Path:
+    path, fmt = _output(fig, out)
     try:
-        fig.savefig(out, dpi=110)
+        fig.savefig(path, format=fmt, dpi=110)
     except (OSError, ValueError) as exc:
-        raise RunError(f"{out}: cannot write the figure ({exc})") from exc
+        raise RunError(f"{path}: cannot write the figure ({exc})") from exc
+    return path
+
+
+def _name_error(run: Path, h: History, name: str) -> RunError:
+    close = difflib.get_close_matches(name, h.names + h.tap_names, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f" (it has {len(h.names)} parameters)"
+    return RunError(f"{run}: no parameter named {name!r}{hint}")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from gradwatch import plot
 
+    if args.names is not None and args.kind == "clipping":
+        raise RunError(
+            "--names: the clipping plot draws the global norm only; --names applies to --kind norms, heatmap"
+        )
     h = load_run(args.run)
+    for name in args.names or ():
+        if name not in h.names and name not in h.tap_names:
+            raise _name_error(args.run, h, name)
     plt = plot._pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
+        path, _ = _output(fig, args.output)  # a bad suffix fails before drawing
+        log = {} if args.log is None else {"log": args.log}
         if args.kind == "norms":
-            plot.plot_norms(h, names=args.names, ax=ax, log=args.log)
+            plot.plot_norms(h, names=args.names, ax=ax, **log)
         elif args.kind == "heatmap":
-            plot.plot_heatmap(h, ax=ax, names=args.names, log=True)
+            plot.plot_heatmap(h, ax=ax, names=args.names, **log)
         else:
-            plot.plot_clipping(h, ax=ax, log=args.log)
-    except KeyError as exc:
-        raise RunError(f"{args.run}: {exc.args[0]}") from exc
-    ax.set_title(Path(args.run).name)
-    _savefig(fig, args.output)
-    print(f"wrote {args.output}")
+            plot.plot_clipping(h, ax=ax, **log)
+        ax.set_title(Path(args.run).name)
+        path = _savefig(fig, args.output)
+    finally:
+        plt.close(fig)
+    print(f"wrote {path}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from gradwatch import plot
 
-    runs = {Path(r).stem: load_run(r) for r in args.runs}
-    if len(runs) < len(args.runs):
-        runs = {str(r): load_run(r) for r in args.runs}
+    loaded = [(Path(r), load_run(r)) for r in args.runs]
+    labels = [p.stem for p, _ in loaded]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p, _ in loaded]
+    for p, h in loaded:
+        if args.name is not None and args.name not in (h.names if args.clipped else h.names + h.tap_names):
+            raise _name_error(p, h, args.name)
+        column = "total_clipped" if args.name is None else "norms_clipped"
+        if args.clipped and not h.known(column):
+            what = "post-clip global norms" if args.name is None else "post-clip norms per parameter"
+            raise RunError(f"{p}: --clipped: this file does not hold {what} (History.save keeps them)")
     plt = plot._pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
-        plot.plot_compare(runs, ax=ax, name=args.name, clipped=args.clipped, log=args.log)
-    except ValueError as exc:
-        raise RunError(f"--name {args.name!r} is not a parameter of every run") from exc
-    _savefig(fig, args.output)
-    print(f"wrote {args.output}")
+        _output(fig, args.output)
+        log = {} if args.log is None else {"log": args.log}
+        plot.plot_compare(dict(zip(labels, (h for _, h in loaded))), ax=ax, name=args.name, clipped=args.clipped, **log)
+        path = _savefig(fig, args.output)
+    finally:
+        plt.close(fig)
+    print(f"wrote {path}")
     return 0
 
 
+def _version() -> str:
+    from gradwatch import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradwatch", description="Summarise, plot and compare gradwatch runs.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("summary", help="a table per parameter: max, median, last, clipped steps, events")
-    s.add_argument("run", type=Path)
+    """The argument parser of the ``gradwatch`` command."""
+    run_help = f"a run file: {FORMATS}; another suffix is recognised from the file's first bytes"
+    out_help = "the image file to write; its suffix picks the format (png, pdf, svg, ...; none: .png is added)"
+    log_help = "log or linear y axis (heatmap: colour scale); default: log for heatmap and clipping, linear for norms"
+    p = argparse.ArgumentParser(
+        prog="gradwatch",
+        description=f"Summarise, plot and compare gradwatch runs. A RUN is {FORMATS}.",
+        epilog="Errors are one line on stderr with exit status 2.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="summary, plot or compare (COMMAND --help for its options)",
+    )
+    s = sub.add_parser(
+        "summary",
+        help="a table per parameter: max, median, last, non-finite, clipped steps, events",
+        description=f"Print a table per parameter and the global norm of one RUN ({FORMATS}).",
+    )
+    s.add_argument("run", type=Path, metavar="RUN", help=run_help)
     s.set_defaults(fn=cmd_summary)
-    pl = sub.add_parser("plot", help="draw one run")
-    pl.add_argument("run", type=Path)
-    pl.add_argument("-o", "--output", type=Path, required=True, help="image file (png, pdf, svg)")
-    pl.add_argument("--kind", choices=("norms", "heatmap", "clipping"), default="norms")
-    pl.add_argument("--names", nargs="+", help="parameters to draw (default: the first 10)")
-    pl.add_argument("--log", action="store_true", help="log-scale y axis")
+    pl = sub.add_parser(
+        "plot", help="draw one run to an image file", description=f"Draw one RUN ({FORMATS}) to an image file."
+    )
+    pl.add_argument("run", type=Path, metavar="RUN", help=run_help)
+    pl.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help=out_help)
+    pl.add_argument(
+        "--kind",
+        choices=("norms", "heatmap", "clipping"),
+        default="norms",
+        help="norms: chosen parameters over steps (default); heatmap: parameters x steps; "
+        "clipping: global norm before/after clipping and the threshold",
+    )
+    pl.add_argument(
+        "--names",
+        nargs="+",
+        metavar="NAME",
+        help="parameters to draw (norms: default the first 10; heatmap: default all); not for --kind clipping",
+    )
+    pl.add_argument("--log", action=argparse.BooleanOptionalAction, default=None, help=log_help)
     pl.set_defaults(fn=cmd_plot)
-    c = sub.add_parser("compare", help="several runs' global norms on one figure")
-    c.add_argument("runs", nargs="+", type=Path)
-    c.add_argument("-o", "--output", type=Path, required=True)
-    c.add_argument("--name", help="compare this parameter instead of the global norm")
-    c.add_argument("--clipped", action="store_true", help="compare post-clip values")
-    c.add_argument("--log", action="store_true", help="log-scale y axis")
+    c = sub.add_parser(
+        "compare",
+        help="several runs' global norms (or one parameter's) on one figure",
+        description=f"Draw several RUNs ({FORMATS}) on one figure.",
+    )
+    c.add_argument("runs", nargs="+", type=Path, metavar="RUN", help=run_help)
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help=out_help)
+    c.add_argument(
+        "--name", metavar="NAME", help="compare this parameter (present in every run) instead of the global norm"
+    )
+    c.add_argument(
+        "--clipped",
+        action="store_true",
+        help="compare post-clip values (per-parameter post-clip norms are only in .npz runs)",
+    )
+    c.add_argument(
+        "--log", action=argparse.BooleanOptionalAction, default=None, help="log or linear y axis (default: log)"
+    )
     c.set_defaults(fn=cmd_compare)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradwatch`` console script; returns the exit status."""
+    """Entry point of the ``gradwatch`` console script; returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 for a bad file or option (one line on stderr).
+
+    Example:
+        >>> import tempfile, os
+        >>> main(["summary", os.path.join(tempfile.mkdtemp(), "missing.npz")])  # the error goes to stderr
+        2
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except RunError as exc:
-        print(f"gradwatch: error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
+    except (RunError, ImportError) as exc:
         print(f"gradwatch: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `gradwatch summary run.npz | head`

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from gradwatch._validate import check_float
 
 __all__ = [
+    "DistributedMeter",
     "NormReducer",
     "check_process_group",
     "count_collectives",
@@ -58,6 +59,7 @@ __all__ = [
     "is_ddp",
     "is_dtensor",
     "local_tensor",
+    "needs_reduction",
     "rank_path",
     "row_norms",
     "scale_",
@@ -577,6 +579,91 @@ def total_norm(norms: Tensor, norm_type: float = 2.0, *, process_group: Any = No
         tensor(5.)
     """
     return NormReducer(norm_type=norm_type, process_group=process_group).total(norms)
+
+
+def needs_reduction(params: Iterable[Tensor], process_group: Any = None) -> bool:
+    """Whether the norms of ``params``' gradients need :class:`NormReducer` (a DTensor, or an override).
+
+    Example:
+        >>> needs_reduction([torch.zeros(2, requires_grad=True)])
+        False
+    """
+    return process_group is not None or any(is_dtensor(p) for p in params)
+
+
+class DistributedMeter:
+    """A drop-in for the watch's ``NormMeter`` on sharded models: full L2 norms at step time, no hooks.
+
+    Parameter hooks would see DTensor gradients (an all-gather per hooked
+    parameter) or, under FSDP2, not fire for the sharded gradients at all, so
+    everything is measured at the step with :class:`NormReducer`: one fused
+    local pass, one all-reduce per mesh. With ``track_order`` the hooks only
+    record the order in which gradients became ready (no tensor operation).
+
+    Args:
+        params: the parameters, in model order.
+        names: their names.
+        process_group: the :class:`NormReducer` override (pipeline stages).
+        track_order: record the gradients' ready order in :attr:`order`.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> meter = DistributedMeter([p], ["p"])
+        >>> out = torch.zeros(1)
+        >>> meter.measure([p.grad], [], out), meter.total(out)
+        (tensor([5.]), tensor(5.))
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        *,
+        process_group: Any = None,
+        track_order: bool = False,
+    ) -> None:
+        self.params = list(params)
+        self.reducer = NormReducer(names, process_group=process_group)
+        self.hot = True
+        self.hooked = [False] * len(self.params)
+        self.order: list[int] = []
+        self._fired = [False] * len(self.params)
+        self._handles = []
+        if track_order:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _hook(self, i: int):
+        def hook(param: Tensor) -> None:
+            if not self._fired[i]:
+                self._fired[i] = True
+                self.order.append(i)
+
+        return hook
+
+    def measure(self, grads: list[Tensor | None], missing: list[int], out: Tensor, hooks_valid: bool = True) -> Tensor:
+        """Write the full L2 norm of every gradient into ``out`` (a contiguous ``[P]`` view; 0 where missing).
+
+        ``missing`` and ``hooks_valid`` are accepted for the meter interface (a
+        missing gradient is ``None`` in ``grads`` and gives 0; nothing is hooked).
+        """
+        return self.reducer.norms(grads, out=out)
+
+    def total(self, norms: Tensor, out: Tensor | None = None) -> Tensor:
+        """The global norm from :meth:`measure`'s norms (combined over the override group if any)."""
+        t = self.reducer.total(norms)
+        return t if out is None else out.copy_(t)
+
+    def reset(self) -> None:
+        """Forget the ready order (call after each step)."""
+        for i in self.order:
+            self._fired[i] = False
+        self.order.clear()
+
+    def remove(self) -> None:
+        """Remove the order-tracking hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 # --------------------------------------------------------------------------- unit-wise (row) norms for AGC

@@ -29,6 +29,7 @@ from _dist_harness import (
 from torch import nn
 
 from gradwatch.distributed import (
+    DistributedMeter,
     NormReducer,
     check_process_group,
     count_collectives,
@@ -210,6 +211,12 @@ def s_fsdp2(rank: int, world: int):
         norms = reducer.norms(grads)
         total = reducer.total(norms)
     out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "placements": _placements(grads)}
+    # the watch's meter interface, writing into a row of a [rows, P + 1] device buffer
+    meter = DistributedMeter(params, names)
+    buf = torch.zeros(3, len(params) + 1)
+    meter.measure(grads, [], buf[1, :-1])
+    meter.total(buf[1, :-1], out=buf[1, -1])
+    out["meter_buf"] = buf
     # AGC's unit-wise norms of gradients and weights: Shard(0) rows are local, only the biases reduce
     with count_collectives() as c:
         rows = row_norms(grads + params)
@@ -485,6 +492,9 @@ def test_fsdp2_full_norms_one_all_reduce(two):
     for r in res:
         assert all("Shard(dim=0)" in p for p in r["placements"]), r["placements"]
         assert r["counts"] == {"all_reduce": 1}
+        buf = r["meter_buf"]
+        assert torch.equal(buf[1, :-1], r["norms"]) and torch.equal(buf[1, -1], r["total"])
+        assert not buf[0].any() and not buf[2].any()  # nothing written outside the row
 
 
 def test_fsdp2_row_norms(two):

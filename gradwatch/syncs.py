@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from gradwatch._compat import TorchDispatchMode
 
 __all__ = ["count_host_syncs"]
 

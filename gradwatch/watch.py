@@ -311,6 +311,7 @@ class GradWatch:
         self._step += 1
         self._meter.hot = self._step % self.every == 0 or self.clipper is not None
         observe = step % self.every == 0
+        count, recorded = self._rows.count, False
         try:
             if not observe and self.clipper is None:
                 return None
@@ -322,7 +323,13 @@ class GradWatch:
                 return None
             found = self._detect(row, step, missing)
             self._record(row, step, missing, clipped, found)
+            recorded = True
             return self._react(step, found)
+        except BaseException:
+            if not recorded:  # failed before its row was recorded: the step did not happen
+                self._rows.count = count
+                self._step = step
+            raise
         finally:
             self._taps.clear()
             self._meter.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+
 from gradwatch._compat import TorchDispatchMode
 
 __all__ = ["count_host_syncs"]

@@ -210,7 +210,7 @@ def test_lbfgs_records_one_row_per_step_after_the_first_evaluation():
     for _ in range(3):
         evaluations = []
 
-        def closure():
+        def closure(evaluations=evaluations):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()

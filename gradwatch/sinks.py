@@ -9,8 +9,9 @@ The file sinks (:class:`CSVSink`, :class:`JSONLSink`) share one policy for a
 file that already exists, chosen with ``mode``:
 
 * ``"x"`` (the default): a new run. An existing non-empty file is refused
-  (``FileExistsError`` naming the modes below), so rerunning a script never
-  mixes two runs in one file; an existing empty file is used.
+  (``FileExistsError`` naming the modes below, raised when the sink is built
+  and again when the watch opens it), so rerunning a script never mixes two
+  runs in one file; an existing empty file is used.
 * ``"w"``: overwrite whatever is there.
 * ``"a"``: append, to resume the same run. The file must be a file of the same
   sink with the same columns (else ``ValueError``), a line cut short by a crash
@@ -180,12 +181,10 @@ class _FileSink(Sink):
         self._file: io.TextIOWrapper | None = None
         self._meta: dict[str, Any] = {}
         self._resume_after: int | None = None  # mode "a": the last step already in the file
+        self._check_new()  # now, before the watch opens any sink's file, and again at open()
 
-    def open(self, names: list[str], meta: dict[str, Any]) -> None:
-        if self._file is not None:
-            raise RuntimeError(f"{type(self).__name__}({str(self.path)!r}) is already open: use one sink per watch")
-        super().open(names, meta)
-        self._meta = dict(meta)
+    def _check_new(self) -> bool:
+        """Whether the file holds something; with ``mode="x"`` that is an error."""
         p = self.path
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a directory; {type(self).__name__} needs a file path")
@@ -195,6 +194,15 @@ class _FileSink(Sink):
                 f"{p} already exists and is not empty; pass mode='w' to overwrite it, or mode='a' to append "
                 f"to it when resuming the same run (or choose another path)"
             )
+        return nonempty
+
+    def open(self, names: list[str], meta: dict[str, Any]) -> None:
+        if self._file is not None:
+            raise RuntimeError(f"{type(self).__name__}({str(self.path)!r}) is already open: use one sink per watch")
+        super().open(names, meta)
+        self._meta = dict(meta)
+        p = self.path
+        nonempty = self._check_new()
         p.parent.mkdir(parents=True, exist_ok=True)
         if nonempty and self.mode == "a":
             with open(p, "r+b") as f:
@@ -256,7 +264,9 @@ class CSVSink(_FileSink):
         ValueError: ``mode`` or ``group_by`` out of range. When the watch opens
             the sink: ``mode="a"`` and the file has another header; at a flush:
             ``mode="a"`` and the run writes a step not after the file's last.
-        FileExistsError: when the watch opens the sink, ``mode="x"`` and the file is not empty.
+        FileExistsError: ``mode="x"`` and the file is not empty (checked when the sink is
+            built, so before the watch creates any sink's file, and again when it opens it).
+        IsADirectoryError: ``path`` is a folder.
 
     Example:
         >>> import tempfile, os, torch, gradwatch as gw
@@ -266,7 +276,7 @@ class CSVSink(_FileSink):
         ...     lin(torch.ones(1, 2)).sum().backward(); w.step()
         >>> open(path).readline().strip()
         'step,total,total_clipped,clip_coef,weight,bias'
-        >>> gw.GradWatch(lin, sinks=[CSVSink(path)])  # the same path again  # doctest: +ELLIPSIS
+        >>> CSVSink(path)  # the same path again  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         FileExistsError: ... already exists and is not empty; pass mode='w' to overwrite it, ...
@@ -342,7 +352,9 @@ class JSONLSink(_FileSink):
             the sink: ``mode="a"`` and the file is not a JSONLSink file with the
             same names; at a flush: ``mode="a"`` and the run writes a step not
             after the file's last.
-        FileExistsError: when the watch opens the sink, ``mode="x"`` and the file is not empty.
+        FileExistsError: ``mode="x"`` and the file is not empty (checked when the sink is
+            built, so before the watch creates any sink's file, and again when it opens it).
+        IsADirectoryError: ``path`` is a folder.
 
     Example:
         >>> import tempfile, os, torch, gradwatch as gw

@@ -55,10 +55,14 @@ def assert_rows(back, *chunks):
         np.testing.assert_array_equal(getattr(back, key), want, err_msg=key)
 
 
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
 def train(sinks, steps=6, flush_every=4, clipper=None, state=None):
     """A tiny watched training run; returns the closed watch."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch = gw.GradWatch(model, clipper=clipper, sinks=list(sinks), flush_every=flush_every)
     if state is not None:
@@ -90,6 +94,10 @@ def test_rerunning_a_script_never_mixes_two_runs_in_one_file(tmp_path, Sink, rea
     with pytest.raises(FileExistsError, match=r"mode='w' to overwrite it, or mode='a' to append"):
         train([Sink(path)])
     assert path.read_bytes() == before
+    other = tmp_path / f"other.{ext}"  # refused when built: no other sink of the watch has created its file
+    with pytest.raises(FileExistsError):
+        train([Sink(other), Sink(path)])
+    assert not other.exists()
     code, out, _ = run_cli(capsys, "summary", path)
     assert code == 0 and out.startswith(f"{path}: 6 steps (0..5)")
 
@@ -135,6 +143,18 @@ def test_mode_a_refuses_to_write_steps_that_do_not_follow_the_file(tmp_path, Sin
         sink.write(chunk(range(3, 6)))
     sink.close()
     assert_rows(read(path), chunk(range(6)))
+    # through a watch: the error reaches the user at the flush, and the watch's history keeps the rows
+    path2 = tmp_path / f"train.{ext}"
+    train([Sink(path2)], steps=5)
+    model = make_model()
+    watch = gw.GradWatch(model, sinks=[Sink(path2, mode="a")])
+    model(torch.ones(1, 3)).sum().backward()
+    watch.step()
+    with pytest.raises(ValueError, match="holds steps up to 4 and this run writes step 0"):
+        watch.flush()
+    assert watch.history.steps.tolist() == [0]
+    watch.close()
+    assert read(path2).steps.tolist() == list(range(5))
 
 
 @pytest.mark.parametrize(("Sink", "read", "ext"), SINKS)

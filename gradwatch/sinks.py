@@ -77,7 +77,7 @@ def _check_path(path: Any, name: str = "path") -> Path:
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike file path, got {path!r} ({type(path).__name__})")
     if os.fspath(path) == "":
-        raise ValueError(f"{name} must be a file path, got an empty string")
+        raise ValueError(f"{name} must be a non-empty path, got an empty string")
     return Path(path)
 
 

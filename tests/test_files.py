@@ -259,7 +259,7 @@ def test_read_jsonl_keeps_the_runs_description(tmp_path):
     [
         (lambda: gw.CSVSink(None), TypeError, "path must be a str or os.PathLike"),
         (lambda: gw.CSVSink(b"run.csv"), TypeError, "path must be a str or os.PathLike"),
-        (lambda: gw.JSONLSink(""), ValueError, "path must be a file path"),
+        (lambda: gw.JSONLSink(""), ValueError, "path must be a non-empty path"),
         (lambda: gw.CSVSink("r.csv", mode="r"), ValueError, "mode must be one of 'x', 'w', 'a'"),
         (lambda: gw.JSONLSink("r.jsonl", mode=None), TypeError, "mode must be one of 'x', 'w', 'a'"),
         (lambda: gw.CSVSink("r.csv", group_by=0), ValueError, "group_by must be an integer in"),

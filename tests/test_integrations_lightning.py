@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -147,6 +148,22 @@ def test_bf16_mixed_records_finite_rows_close_to_float32():
     np.testing.assert_allclose(h.total[0], ref.history.total[0], rtol=0.05)
 
 
+def test_fp16_grad_scaler_rows_are_unscaled():
+    """16-mixed with a GradScaler (scale 256): Lightning unscales before the hook, so rows hold unscaled norms."""
+    model = Net()
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    cb, ref = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5)), GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5))
+    fit(model, cb, data(32), max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    fit(twin, ref, data(32), max_steps=4)
+    h = cb.history
+    assert scaler.get_scale() == 256.0 and len(h) == 4  # no overflow, no skipped step
+    np.testing.assert_allclose(h.total, ref.history.total, rtol=2e-3)  # fp16 autocast rounding, not a factor 256
+    np.testing.assert_allclose(h.total_clipped, 0.5, rtol=1e-5)  # the clipper saw unscaled gradients too
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
 def test_csv_logger_receives_global_clipped_and_group_norms(tmp_path):
     cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5))
     logger = CSVLogger(tmp_path, name="run", version=0)
@@ -208,6 +225,55 @@ def test_checkpoint_resume_continues_autoclip_exactly(tmp_path):
     assert (a.clip_coef[half:] < 1).any()
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+class EveryOther(torch.utils.data.Sampler):
+    """Rank r of 2 reads samples r, r+2, r+4, ...: two ranks' batches of 4 are one batch of 8 in order."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+    def __iter__(self):
+        return iter(range(torch.distributed.get_rank(), self.n, 2))
+
+
+class SaveRankResults(pl.Callback):
+    """Writes each rank's history and weights (ddp_spawn runs the callbacks in child processes)."""
+
+    def __init__(self, cb: GradWatchCallback, folder: Path) -> None:
+        self.cb, self.folder = cb, folder
+
+    def on_fit_end(self, trainer, pl_module):
+        r = trainer.global_rank
+        self.cb.history.save(self.folder / f"rank{r}.npz")
+        torch.save([p.detach().clone() for p in pl_module.parameters()], self.folder / f"rank{r}.pt")
+
+
+def test_ddp_two_ranks_record_the_all_reduced_gradient(tmp_path):
+    """2 CPU ranks x batch 4 == one process x batch 8: same rows on both ranks, equal to the single process."""
+    model = Net()
+    single = copy.deepcopy(model)
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5))
+    trainer = pl.Trainer(
+        **{**QUIET, "devices": 2, "strategy": "ddp_spawn", "max_steps": 3, "use_distributed_sampler": False},
+        callbacks=[cb, SaveRankResults(cb, tmp_path)],
+    )
+    ds = data(48)
+    trainer.fit(model, DataLoader(ds, batch_size=4, sampler=EveryOther(len(ds))))
+    ref = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5))
+    trainer = pl.Trainer(**{**QUIET, "callbacks": [ref], "max_steps": 3})
+    trainer.fit(single, loader(data(48), batch_size=8))
+    h0, h1 = gw.History.load(tmp_path / "rank0.npz"), gw.History.load(tmp_path / "rank1.npz")
+    np.testing.assert_array_equal(h0.norms, h1.norms)  # identical rows on every rank
+    np.testing.assert_allclose(h0.norms, ref.history.norms, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h0.total_clipped, 0.5, rtol=1e-5)
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for a, b, c in zip(w0, w1, single.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # one clip coefficient on all ranks
+        torch.testing.assert_close(a, c.detach())
 
 
 def test_skip_detector_leaves_weights_untouched():

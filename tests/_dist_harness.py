@@ -207,3 +207,42 @@ def grads_of(model: nn.Module) -> tuple[list[str], list[Tensor | None]]:
     """Names and gradients of the trainable parameters, in model order."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p.grad for _, p in named]
+
+
+# --------------------------------------------------------------------------- the MLP under each engine (on every rank)
+
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...] | None = None):
+    """A CPU device mesh over the spawned ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def fsdp2_mlp(device_mesh) -> MLP:
+    """:class:`MLP` with each Linear and the root ``fully_shard``-ed on ``device_mesh`` (1-D: FSDP2, 2-D: HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = MLP()
+    for m in (model.up, model.down, model.head):
+        fully_shard(m, mesh=device_mesh)
+    fully_shard(model, mesh=device_mesh)
+    return model
+
+
+def tp_mlp(device_mesh) -> MLP:
+    """:class:`MLP` with ``up`` column-wise and ``down`` row-wise parallel; ``head`` stays a plain module."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    return parallelize_module(MLP(), device_mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+
+
+def fsdp_tp_mlp(device_mesh_2d) -> MLP:
+    """:class:`MLP` tensor-parallel over ``mesh["tp"]`` and ``fully_shard``-ed over ``mesh["dp"]``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tp_mlp(device_mesh_2d["tp"])
+    for m in (model.up, model.down, model.head):
+        fully_shard(m, mesh=device_mesh_2d["dp"])
+    fully_shard(model, mesh=device_mesh_2d["dp"])
+    return model

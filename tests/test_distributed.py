@@ -16,15 +16,19 @@ import torch.distributed as dist
 from _dist_harness import (
     MLP,
     batch,
+    fsdp2_mlp,
+    fsdp_tp_mlp,
     full,
     grads_of,
     local_batch,
     loss_fn,
+    mesh,
     reference_clipped_training,
     reference_grads,
     reference_norms,
     result_of,
     run_scenarios,
+    tp_mlp,
 )
 from torch import nn
 
@@ -59,12 +63,6 @@ def engine_clip_(params: list[nn.Parameter], max_norm: float, reducer: NormReduc
     return total
 
 
-def _mesh(shape, names=None):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh("cpu", shape, mesh_dim_names=names)
-
-
 def _placements(grads) -> list[str]:
     return [str(getattr(g, "placements", "plain")) for g in grads]
 
@@ -76,21 +74,21 @@ def _engine_tensors(rank: int, world: int):
     """Hand-made DTensors of every placement, with their full values (the same on every rank)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    mesh = _mesh((world,))
+    dm = mesh((world,))
     g = torch.Generator().manual_seed(5)
     shard0, shard1, repl, vec = (torch.randn(s, generator=g) for s in [(5, 3), (4, 6), (7,), (5,)])
     part = [torch.randn(3, 2, generator=g) for _ in range(world)]
     avg = [torch.randn(2, 2, generator=g) for _ in range(world)]
     plain = torch.randn(3, generator=g)
     tensors = [
-        distribute_tensor(shard0, mesh, [Shard(0)]),
-        distribute_tensor(shard1, mesh, [Shard(1)]),
-        distribute_tensor(repl, mesh, [Replicate()]),
-        distribute_tensor(vec, mesh, [Shard(0)]),
+        distribute_tensor(shard0, dm, [Shard(0)]),
+        distribute_tensor(shard1, dm, [Shard(1)]),
+        distribute_tensor(repl, dm, [Replicate()]),
+        distribute_tensor(vec, dm, [Shard(0)]),
         None,
         plain,
-        DTensor.from_local(part[rank], mesh, [Partial("sum")]),
-        DTensor.from_local(avg[rank], mesh, [Partial("avg")]),
+        DTensor.from_local(part[rank], dm, [Partial("sum")]),
+        DTensor.from_local(avg[rank], dm, [Partial("avg")]),
     ]
     fulls = [shard0, shard1, repl, vec, None, plain, sum(part), sum(avg) / world]
     return tensors, fulls
@@ -133,10 +131,10 @@ def s_mixed_meshes(rank: int, world: int):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    mesh = _mesh((world,))
+    dm = mesh((world,))
     own, _ = dist.new_subgroups(group_size=1)  # a one-rank mesh per rank, like a pipeline stage's own mesh
     stage_mesh = DeviceMesh.from_group(own, "cpu")
-    a = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+    a = distribute_tensor(torch.arange(4.0), dm, [Shard(0)])
     b = DTensor.from_local(torch.full((3,), float(rank + 1)), stage_mesh, [Replicate()])
     try:
         full_norms([a, b], names=["enc.weight", "stage.weight"])
@@ -164,7 +162,7 @@ def s_pipeline(rank: int, world: int):
         with count_collectives() as c:
             out[p] = reducer.total(norms)
         out[("counts", p)] = dict(c.counts)
-    out["mesh_group"] = total_norm(full_norms([grads[n] for n in mine]), process_group=_mesh((world,)))
+    out["mesh_group"] = total_norm(full_norms([grads[n] for n in mine]), process_group=mesh((world,)))
     return out
 
 
@@ -190,19 +188,9 @@ def s_ddp(rank: int, world: int):
     }
 
 
-def _fsdp_model(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    model = MLP()
-    for m in (model.up, model.down, model.head):
-        fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def s_fsdp2(rank: int, world: int):
-    mesh = _mesh((world,))
-    model = _fsdp_model(mesh)
+    dm = mesh((world,))
+    model = fsdp2_mlp(dm)
     loss_fn(model, *local_batch(0, rank, world)).backward()
     names, grads = grads_of(model)
     params = list(model.parameters())
@@ -244,7 +232,7 @@ def s_fsdp2(rank: int, world: int):
 
 def s_fsdp2_training(rank: int, world: int):
     """Several SGD steps with the engine's global clip on FSDP2; returns the full weights."""
-    model = _fsdp_model(_mesh((world,)))
+    model = fsdp2_mlp(mesh((world,)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     names, _ = grads_of(model)
     reducer = NormReducer(names)
@@ -258,10 +246,7 @@ def s_fsdp2_training(rank: int, world: int):
 
 
 def s_tp(rank: int, world: int):
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    mesh = _mesh((world,))
-    model = parallelize_module(MLP(), mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    model = tp_mlp(mesh((world,)))
     loss_fn(model, *batch(0)).backward()  # tensor parallel: the same batch on every rank
     names, grads = grads_of(model)
     with count_collectives() as c:
@@ -278,8 +263,8 @@ def s_tp(rank: int, world: int):
 
 
 def s_hsdp(rank: int, world: int):
-    mesh = _mesh((2, world // 2), ("replicate", "shard"))
-    model = _fsdp_model(mesh)
+    dm = mesh((2, world // 2), ("replicate", "shard"))
+    model = fsdp2_mlp(dm)
     loss_fn(model, *local_batch(0, rank, world)).backward()
     names, grads = grads_of(model)
     with count_collectives() as c:
@@ -298,15 +283,9 @@ def s_hsdp(rank: int, world: int):
 
 
 def s_fsdp_tp(rank: int, world: int):
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    mesh = _mesh((2, world // 2), ("dp", "tp"))
-    model = parallelize_module(MLP(), mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-    for m in (model.up, model.down, model.head):
-        fully_shard(m, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    dp_rank = mesh.get_local_rank("dp")
+    dm = mesh((2, world // 2), ("dp", "tp"))
+    model = fsdp_tp_mlp(dm)
+    dp_rank = dm.get_local_rank("dp")
     loss_fn(model, *local_batch(0, dp_rank, 2)).backward()
     names, grads = grads_of(model)
     with count_collectives() as c:

@@ -10,6 +10,9 @@ time, the median over rounds of the ratio to the plain step (and to
 ``clip_grad_norm_``) of the same round, and the host syncs a
 variant adds per step (``aten._local_scalar_dense`` calls, counted on an extra
 step, minus the plain step's own: ``nn.TransformerEncoder`` syncs by itself).
+Last, per model, recording's added time next to the memory floor -- the
+cheapest single read of all gradients, measured apart from the step -- so its
+ratio to the floor is visible. ``benchmarks/ops.py`` counts operations per step.
 """
 
 from __future__ import annotations
@@ -253,10 +256,27 @@ def main(argv: list[str] | None = None) -> int:
     print("\nOne read of all gradients, by method (median ms, isolated from the step):")
     print("| model | " + " | ".join(["hooks (dot)", "foreach_norm (step)", "dot (step)"]) + " |")
     print("|---|---:|---:|---:|")
+    costs = {}
     for task in args.models:
-        cost = read_cost(task, 10 if task != "srn" else 100)
-        print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in cost.values()) + " |")
+        costs[task] = read_cost(task, 10 if task != "srn" else 100)
+        print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in costs[task].values()) + " |")
+    print("\n" + floor_report(rows, costs))
     return 0
+
+
+def floor_report(rows: list[dict], costs: dict[str, dict[str, float]]) -> str:
+    """Recording's added time next to the memory floor: the cheapest single read of all gradients."""
+    lines = [
+        "| model | recording added (ms) | floor: one read of the gradients (ms) | added / floor |",
+        "|---|---:|---:|---:|",
+    ]
+    for task, cost in costs.items():
+        rec = next((r for r in rows if r["model"] == task and r["variant"] == "watch (auto)"), None)
+        if rec is None:
+            continue
+        floor = min(cost.values())
+        lines.append(f"| {task} | {rec['added_ms']:+.3f} | {floor:.3f} | {rec['added_ms'] / floor:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

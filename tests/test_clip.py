@@ -417,3 +417,324 @@ def test_clipper_runs_on_every_step_even_when_only_every_third_is_recorded():
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert watch.history.steps.tolist() == [0, 3, 6]
+
+
+# --------------------------------------------------------------------------- AGC, batched
+
+
+def agc_loop(params, grads, clipping, eps, excluded=()):
+    """The per-unit reference (timm's adaptive_clip_grad) applied to copies, one parameter at a time."""
+    return [
+        g if i in excluded or g.numel() == 0 else agc_reference(p.detach(), g, clipping, eps)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+
+
+@pytest.mark.parametrize("batch_numel", [1 << 16, 1])  # batched (concatenated) and in-place reductions
+def test_agc_batched_equals_per_unit_loop_on_mixed_shapes(batch_numel):
+    shapes = [(6, 3, 3, 3), (4, 3, 3, 3), (5, 4), (7, 4), (3, 4), (4, 7), (5,), (7,), (), (0, 3), (3, 0), (0,)]
+    ps = params_with_grads(shapes, scale=0.3, seed=3)
+    ps[2].data[1] = 0.0  # a dead unit: weight norm floored at eps
+    ps[3].grad[2] *= 1e-9  # a unit far below its bound
+    before = grads_of(ps)
+    clip = gw.AGC(clipping=0.05, eps=1e-3, exclude=["p4"])
+    clip.batch_numel = batch_numel
+    clip([(f"p{i}", p) for i, p in enumerate(ps)])
+    for i, (p, ref) in enumerate(zip(ps, agc_loop(ps, before, 0.05, 1e-3, excluded={4}))):
+        torch.testing.assert_close(p.grad, ref, rtol=2e-6, atol=1e-9, msg=f"parameter {i} {tuple(p.shape)}")
+    assert torch.equal(ps[4].grad, before[4])  # excluded
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_agc_zero_element_parameters_in_a_watch():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 0), torch.nn.Linear(0, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = grads_of(model.parameters())
+    gw.AGC(0.01)(model)
+    for p, ref in zip(model.parameters(), agc_loop(list(model.parameters()), before, 0.01, 1e-3)):
+        torch.testing.assert_close(p.grad, ref, rtol=2e-6, atol=1e-9)
+    watch = gw.GradWatch(model, clipper=gw.AGC(0.01))
+    model(torch.randn(2, 3)).sum().backward()
+    watch.step()
+    assert np.isfinite(watch.history.total_clipped).all()
+
+
+def test_agc_complex_and_bfloat16_parameters():
+    ps = params_with_grads([(4, 3), (3,)], [torch.complex64, torch.complex64], scale=0.5, seed=1)
+    before = grads_of(ps)
+    gw.AGC(0.02)(ps)
+    for p, ref in zip(ps, agc_loop(ps, before, 0.02, 1e-3)):
+        torch.testing.assert_close(p.grad, ref, rtol=2e-6, atol=1e-8)
+    half = params_with_grads([(6, 5), (5,)], [torch.bfloat16] * 2, scale=0.5, seed=2)
+    before = grads_of(half)
+    gw.AGC(0.02)(half)
+    for p, g in zip(half, before):
+        ref = agc_reference(p.detach().float(), g.float(), 0.02, 1e-3).to(torch.bfloat16)
+        torch.testing.assert_close(p.grad, ref, rtol=1e-2, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- AutoClip after the exact phase
+
+
+def feed(clip, norms, dtype=torch.float64):
+    p = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+    out = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=dtype)
+        clip([p])
+        out.append(clip.threshold().item())
+    return out
+
+
+@pytest.mark.parametrize("percentile", [10.0, 50.0, 99.0, 100.0])
+def test_autoclip_histogram_within_documented_error_of_numpy(percentile):
+    from gradwatch.clip import SKETCH_RELATIVE_ERROR
+
+    assert SKETCH_RELATIVE_ERROR < 1e-3
+    rng = np.random.default_rng(4)
+    norms = np.exp(rng.normal(scale=3.0, size=600)) * 1e-2  # spans ~8 decades
+    norms[[50, 300]] = [math.nan, math.inf]
+    norms[100] = 0.0
+    clip = gw.AutoClip(percentile)
+    clip.exact_limit = 64  # switch to the histogram early
+    got = feed(clip, norms)
+    for t in range(len(norms)):
+        hist = norms[: t + 1]
+        ref = np.percentile(hist[np.isfinite(hist)], percentile)
+        tol = 1e-12 if t + 1 < 64 else SKETCH_RELATIVE_ERROR
+        assert got[t] == pytest.approx(ref, rel=tol, abs=1e-300), t
+
+
+def test_autoclip_state_restores_exactly_in_both_phases():
+    rng = np.random.default_rng(5)
+    norms = list(np.exp(rng.normal(size=120)))
+    for cut in (30, 100):  # exact phase, histogram phase
+        full = gw.AutoClip(25.0)
+        full.exact_limit = 64
+        feed(full, norms[:cut])
+        state = copy.deepcopy(full.state_dict())
+        resumed = gw.AutoClip(25.0)
+        resumed.exact_limit = 64
+        resumed.load_state_dict(state)
+        assert feed(resumed, norms[cut:]) == feed(full, norms[cut:])
+    # a long exact history loaded into AutoClip() goes to the histogram at once, within the bound
+    hist = np.exp(rng.normal(size=3000))
+    clip = gw.AutoClip(10.0)
+    clip.load_state_dict({"type": "AutoClip", "window": None, "count": 3000, "history": torch.from_numpy(hist)})
+    assert clip.threshold().item() == pytest.approx(np.percentile(hist, 10.0), rel=1e-3)
+    assert "counts" in clip.state_dict() and clip.state_dict()["count"] == 3000
+
+
+def test_autoclip_all_nonfinite_history_does_not_zero_the_gradients():
+    clip = gw.AutoClip(50.0)
+    clip.exact_limit = 4
+    p = torch.nn.Parameter(torch.zeros(1))
+    for g in [math.nan] * 6:
+        p.grad = torch.tensor([g])
+        clip([p])
+    assert clip.threshold().item() == math.inf
+    p.grad = torch.tensor([3.0])
+    clip([p])
+    # the first finite norm is its own percentile (as the histogram represents it): kept, not zeroed
+    assert p.grad.item() == pytest.approx(3.0, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- ZClip
+
+
+def test_zclip_skips_nonfinite_norms_during_warmup_like_the_reference():
+    rng = np.random.default_rng(2)
+    norms = list(1.0 + 0.1 * rng.normal(size=80))
+    norms[2], norms[7] = math.nan, math.inf  # inside the warm-up
+    norms[40] *= 20
+    expected = zclip_reference(norms, warmup=10)
+    clip = gw.ZClip(warmup_steps=10)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    got = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float64)
+        clip([p])
+        got.append(p.grad.item())
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert got[40] < 3
+
+
+def test_zclip_float32_statistics_within_1e6_of_the_float64_reference():
+    rng = np.random.default_rng(7)
+    norms = list(np.exp(0.2 * rng.normal(size=150)))
+    norms[60] *= 40
+    expected = zclip_reference(norms, warmup=25)
+    clip = gw.ZClip()
+    p = torch.nn.Parameter(torch.zeros(1))
+    got = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float32)
+        clip([p])
+        got.append(p.grad.item())
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- measure / decide / act
+
+
+def test_a_custom_global_clipper_implements_only_decide():
+    from gradwatch.clip import GlobalClipper
+
+    class Fixed(GlobalClipper):
+        def decide(self, norm):
+            coef = torch.clamp(2.0 / (norm + 1e-6), max=1.0)
+            return coef, torch.full_like(norm, 2.0)
+
+    a, b, watch = train_side_by_side(
+        {"clipper": Fixed(), "measure": "step"}, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 2.0), 4
+    )
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    h = watch.history
+    np.testing.assert_allclose(h.clip_threshold, 2.0)
+    np.testing.assert_allclose(h.total_clipped, np.minimum(h.total, 2.0), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- arguments and states
+
+
+@pytest.mark.parametrize(
+    "make, word",
+    [
+        (lambda: gw.ClipByValue(math.inf), "clip_value"),
+        (lambda: gw.ClipByValue(math.nan), "clip_value"),
+        (lambda: gw.ClipByNorm(-math.inf), "clip_norm"),
+        (lambda: gw.ClipByGlobalNorm(math.nan), "max_norm"),
+        (lambda: gw.ClipByGlobalNorm(1.0, norm_type=math.nan), "norm_type"),
+        (lambda: gw.ClipByGlobalNorm(1.0, norm_type="fro"), "norm_type"),
+        (lambda: gw.AutoClip(percentile=math.nan), "percentile"),
+        (lambda: gw.AutoClip(window=3.0), "window"),
+        (lambda: gw.AutoClip(window=True), "window"),
+        (lambda: gw.AutoClip(window=-1), "window"),
+        (lambda: gw.AutoClip(window=math.inf), "window"),
+        (lambda: gw.AGC(clipping=math.inf), "clipping"),
+        (lambda: gw.AGC(eps=math.nan), "eps"),
+        (lambda: gw.AGC(exclude=None), "exclude"),
+        (lambda: gw.AGC(exclude=[3]), "exclude"),
+        (lambda: gw.ZClip(alpha=math.nan), "alpha"),
+        (lambda: gw.ZClip(z_thresh=math.inf), "z_thresh"),
+        (lambda: gw.ZClip(warmup_steps=3.0), "warmup_steps"),
+        (lambda: gw.ZClip(warmup_steps=math.inf), "warmup_steps"),
+        (lambda: gw.ZClip(eps=-1e-3), "eps"),
+        (lambda: gw.ZClip(eps=math.inf), "eps"),
+        (lambda: gw.ZClip(max_norm=math.nan), "max_norm"),
+    ],
+)
+def test_every_bad_argument_names_itself(make, word):
+    with pytest.raises((TypeError, ValueError), match=word):
+        make()
+
+
+def test_integer_arguments_reject_floats_consistently():
+    for make in (lambda v: gw.AutoClip(window=v), lambda v: gw.ZClip(warmup_steps=v)):
+        assert make(3) is not None
+        with pytest.raises(TypeError, match="integer"):
+            make(3.0)
+        assert make(np.int64(3)) is not None
+
+
+def stepped(clipper, steps=6):
+    p = torch.nn.Parameter(torch.zeros(2))
+    for i in range(steps):
+        p.grad = torch.tensor([1.0 + i, 2.0])
+        clipper([p])
+    return clipper.state_dict()
+
+
+@pytest.mark.parametrize(
+    "saved, target, word",
+    [
+        (lambda: gw.AutoClip(window=50), lambda: gw.AutoClip(window=10), "window"),
+        (lambda: gw.AutoClip(), lambda: gw.AutoClip(window=10), "window"),
+        (lambda: gw.ZClip(warmup_steps=25), lambda: gw.ZClip(warmup_steps=5), "warmup_steps"),
+        (lambda: gw.ZClip(), lambda: gw.AutoClip(), "ZClip"),
+        (lambda: gw.AutoClip(), lambda: gw.ZClip(), "AutoClip"),
+        (lambda: gw.ClipByNorm(1.0), lambda: gw.ClipByValue(1.0), "ClipByNorm"),
+        (lambda: gw.ZClip(), lambda: gw.ClipByGlobalNorm(1.0), "ZClip"),
+        (lambda: gw.Chain(gw.ClipByGlobalNorm(1.0), gw.AutoClip()), lambda: gw.Chain(gw.AutoClip()), "2 clippers"),
+        (lambda: gw.Chain(gw.ZClip(), gw.AutoClip()), lambda: gw.Chain(gw.AutoClip(), gw.ZClip()), "ZClip"),
+    ],
+)
+def test_load_state_from_a_differently_configured_clipper_fails_at_load_time(saved, target, word):
+    state = stepped(saved())
+    clip = target()
+    with pytest.raises(ValueError, match=word):
+        clip.load_state_dict(state)
+
+
+def test_malformed_states_are_rejected():
+    with pytest.raises(ValueError, match="history"):
+        gw.AutoClip().load_state_dict({"count": 5, "history": torch.ones(3)})
+    with pytest.raises(ValueError, match="unknown keys"):
+        gw.ZClip().load_state_dict({"warm": torch.zeros(25), "seen": torch.tensor(3)})
+    with pytest.raises(ValueError, match="stats"):
+        gw.ZClip().load_state_dict({"stats": torch.zeros(4)})
+    with pytest.raises(TypeError, match="dict"):
+        gw.ClipByNorm(1.0).load_state_dict([1, 2])
+
+
+def test_watch_state_with_a_mismatched_clipper_fails_when_loaded():
+    model = mlp()
+    watch = gw.GradWatch(model, clipper=gw.ZClip(warmup_steps=25))
+    model(torch.randn(2, 8)).sum().backward()
+    watch.step()
+    state = watch.state_dict()
+    other = gw.GradWatch(mlp(), clipper=gw.ZClip(warmup_steps=5))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        other.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- sparse and complex gradients
+
+
+def sparse_pair(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Embedding(20, 4, sparse=True)
+    b = torch.nn.Embedding(20, 4)
+    b.load_state_dict(a.state_dict())
+    idx = torch.tensor([1, 3, 3, 7, 19])
+    for m in (a, b):
+        (m(idx) * 5).square().sum().backward()
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: gw.ClipByGlobalNorm(1.0), lambda: gw.ClipByNorm(1.0), lambda: gw.AutoClip(50.0), lambda: gw.ZClip()],
+    ids=["ClipByGlobalNorm", "ClipByNorm", "AutoClip", "ZClip"],
+)
+def test_sparse_gradients_are_clipped_like_their_dense_twins(make):
+    a, b = sparse_pair()
+    assert a.weight.grad.is_sparse
+    ca, cb = make(), make()
+    for _ in range(3):
+        na, nb = ca(a), cb(b)
+    torch.testing.assert_close(na, nb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.weight.grad.to_dense(), b.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("clipper", [gw.ClipByValue(1.0), gw.AGC()], ids=repr)
+def test_sparse_gradients_raise_naming_the_parameter(clipper):
+    a, _ = sparse_pair()
+    with pytest.raises(NotImplementedError, match=r"sparse gradients; parameter 'weight'"):
+        clipper(a)
+
+
+def test_complex_gradients_follow_torch():
+    a = params_with_grads([(3, 4), (5,)], [torch.complex64] * 2, scale=2.0)
+    b = twin(a)
+    assert torch.equal(gw.ClipByGlobalNorm(1.0)(a), torch.nn.utils.clip_grad_norm_(b, 1.0))
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.grad, pb.grad)
+    c = params_with_grads([(3, 4)], [torch.complex64], scale=2.0)
+    before = c[0].grad.clone()
+    gw.ClipByNorm(0.5)(c)
+    torch.testing.assert_close(c[0].grad, before * 0.5 / before.abs().square().sum().sqrt())
+    with pytest.raises(NotImplementedError, match="complex"):
+        gw.ClipByValue(1.0)(c)

@@ -158,10 +158,25 @@ def test_fp16_grad_scaler_rows_are_unscaled():
     fit(twin, ref, data(32), max_steps=4)
     h = cb.history
     assert scaler.get_scale() == 256.0 and len(h) == 4  # no overflow, no skipped step
+    np.testing.assert_array_equal(h.scale, 256.0)  # the precision plugin's scaler, recorded
     np.testing.assert_allclose(h.total, ref.history.total, rtol=2e-3)  # fp16 autocast rounding, not a factor 256
     np.testing.assert_allclose(h.total_clipped, 0.5, rtol=1e-5)  # the clipper saw unscaled gradients too
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+def test_fp16_overflow_steps_are_labelled_amp_overflow():
+    """A scale of 2**40 overflows fp16: each step is recorded, labelled amp_overflow, and the scale halves."""
+    model = Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    cb = GradWatchCallback(detectors=[gw.NonFinite()])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    fit(model, cb, data(32), max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    h = cb.history
+    np.testing.assert_array_equal(h.scale, [2.0**40, 2.0**39, 2.0**38])
+    assert {e.kind for e in h.events} == {"amp_overflow"} and {e.step for e in h.events} == {0, 1, 2}
+    for p, q in zip(model.parameters(), before):  # the scaler skipped every step
+        torch.testing.assert_close(p, q)
 
 
 def test_csv_logger_receives_global_clipped_and_group_norms(tmp_path):
@@ -274,6 +289,25 @@ def test_ddp_two_ranks_record_the_all_reduced_gradient(tmp_path):
     for a, b, c in zip(w0, w1, single.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # one clip coefficient on all ranks
         torch.testing.assert_close(a, c.detach())
+
+
+class CompiledEncoder(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.compile(self.encoder, backend="eager")
+
+
+def test_compiled_submodule_is_named_and_measured_like_the_eager_one():
+    torch.manual_seed(0)
+    compiled = CompiledEncoder()
+    eager = Net()
+    eager.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in compiled.state_dict().items()})
+    a, b = GradWatchCallback(), GradWatchCallback()
+    fit(compiled, a, data(16), max_steps=2)
+    fit(eager, b, data(16), max_steps=2)
+    assert next(n for n, _ in compiled.named_parameters()) == "encoder._orig_mod.0.weight"
+    assert a.history.names == b.history.names == [n for n, _ in eager.named_parameters()]
+    np.testing.assert_allclose(a.history.norms, b.history.norms, rtol=1e-6)
 
 
 def test_skip_detector_leaves_weights_untouched():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import gradwatch as gw
@@ -128,6 +128,21 @@ def test_resume_from_checkpoint_continues_autoclip_exactly(tmp_path):
     np.testing.assert_allclose(b.clip_threshold, [np.percentile(a.total[: i + 1], 25.0) for i in (2, 3)], rtol=1e-5)
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+class AttachInCallback(TrainerCallback):
+    """The plain-API recipe: a GradWatch attached to the Trainer's (accelerate-wrapped) optimizer."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.wrapped = type(optimizer).__name__
+        self.watch = gw.GradWatch(model, measure="step").attach(optimizer)
+
+
+def test_attach_unwraps_accelerates_optimizer(tmp_path):
+    cb = AttachInCallback()
+    trainer = train(tmp_path, cb, max_grad_norm=0.0)
+    assert cb.wrapped == "AcceleratedOptimizer"
+    np.testing.assert_allclose(cb.watch.history.total, logged(trainer, "grad_norm"), rtol=1e-6)
 
 
 def test_argument_errors_name_the_argument():

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gradwatch._compat import unscaled_this_step
 from gradwatch.clip import Clipper
 from gradwatch.detect import Detector
 from gradwatch.history import History
@@ -77,10 +78,12 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     recorded before the checkpoint are not part of it (save them with a sink
     or ``cb.history.save``).
 
-    Under AMP (``precision="16-mixed"``) Lightning unscales before the hook;
-    the norms are measured in one fused pass at the step (``measure="step"``),
-    as they are under multi-process strategies (DDP), where the hook sees the
-    all-reduced gradient.
+    Under AMP (``precision="16-mixed"``) the watch gets the precision plugin's
+    ``GradScaler`` (``scaler=``): Lightning unscales before the hook, the scale
+    is recorded (``History.scale``) and overflow steps are labelled
+    ``"amp_overflow"``. The norms are then measured in one fused pass at the
+    step (``measure="step"``), as they are under multi-process strategies
+    (DDP), where the hook sees the all-reduced gradient.
 
     Args:
         clipper: a :class:`~gradwatch.Clipper` applied before every optimizer
@@ -141,12 +144,14 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         self._logged_step: int | None = None
         self._open = False
         self._device = torch.device("cpu")
+        self._scaler: Any | None = None
 
     # -- building the watch -----------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         """Build the watch on the module (now on its device), restoring checkpointed state."""
         previous = self.watch
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": Lightning's GradScaler
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         measure = self.measure or ("step" if scaler is not None or trainer.world_size > 1 else "auto")
         self._latest = LatestRow(self.log_groups, self.log_prefix, clipped=self.clipper is not None)
         sinks = [*self.sinks, self._latest] if self._log else list(self.sinks)
@@ -158,6 +163,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             every=self.every,
             flush_every=self.flush_every,
             measure=measure,
+            scaler=self._scaler,
         )
         self._open = True
         self._device = next(p.device for p in pl_module.parameters())
@@ -183,6 +189,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         """Measure, check, clip and record this step's (accumulated, unscaled) gradients."""
         if self.watch is None or not self._open:
             return
+        scaler = self._scaler
+        if scaler is not None and not unscaled_this_step(scaler, optimizer):
+            # Lightning unscales before this hook, except for optimizers that unscale inside their
+            # own step (fused ones; GradScaler.step accepts them unscaled) and when it skipped backward
+            if all(p.grad is None for p in pl_module.parameters()):
+                return
+            scaler.unscale_(optimizer)
         self.watch.step()
         self._stepped = True
 

@@ -31,7 +31,16 @@ from torch import Tensor
 from gradwatch._compat import foreach_norm
 from gradwatch._validate import check_float
 
-__all__ = ["HOOK_MIN_NUMEL", "MODES", "NormMeter", "grad_norms", "group_by_device_dtype", "stat_dtype", "total_norm"]
+__all__ = [
+    "HOOK_MIN_NUMEL",
+    "MODES",
+    "NormMeter",
+    "grad_norms",
+    "group_by_device_dtype",
+    "sparse_values",
+    "stat_dtype",
+    "total_norm",
+]
 
 MODES = ("auto", "hook", "step")
 
@@ -131,6 +140,32 @@ def write_norms(
     return out
 
 
+def sparse_values(t: Tensor) -> Tensor:
+    """The stored values of a sparse COO tensor (duplicates summed), or ``t`` itself if dense.
+
+    Their norm is the norm of the tensor, which is what torch would compute on ``t.to_dense()``.
+    """
+    return t.coalesce().values() if t.layout == torch.sparse_coo else t
+
+
+def split_sparse(tensors: Sequence[Tensor | None]) -> tuple[list[Tensor | None], list[tuple[int, Tensor]]]:
+    """Dense tensors (sparse ones replaced by None) and the ``(position, tensor)`` sparse ones."""
+    sparse = [(i, t) for i, t in enumerate(tensors) if t is not None and t.layout != torch.strided]
+    if not sparse:
+        return list(tensors), []
+    dense = list(tensors)
+    for i, _ in sparse:
+        dense[i] = None
+    return dense, sparse
+
+
+def write_sparse_norms(out: Tensor, sparse: list[tuple[int, Tensor]], norm_type: float = 2.0) -> Tensor:
+    """Write the norms of sparse gradients (``nn.Embedding(sparse=True)``) into ``out``, one call each."""
+    for i, t in sparse:
+        out[i] = torch.linalg.vector_norm(sparse_values(t), norm_type, dtype=_acc(t.dtype))
+    return out
+
+
 def grad_norms(
     tensors: Sequence[Tensor | None],
     norm_type: float = 2.0,
@@ -160,7 +195,9 @@ def grad_norms(
     if dtype is None:
         dtype = stat_dtype([t.dtype for t in present])
     out = torch.zeros(len(tensors), device=device, dtype=dtype)
-    return write_norms(out, group_by_device_dtype(tensors), norm_type)
+    dense, sparse = split_sparse(tensors)
+    write_norms(out, group_by_device_dtype(dense), norm_type)
+    return write_sparse_norms(out, sparse, norm_type)
 
 
 def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tensor:
@@ -217,7 +254,6 @@ class NormMeter:
         self._hooked_idx = [i for i in range(P) if self.hooked[i]]
         self._fused_idx = [i for i in range(P) if not self.hooked[i]]
         self._index: dict[tuple[int, ...], Tensor] = {}
-        self._fns = [self._square_fn(i) for i in range(P)]
         self.hot = True
         self._fired = [False] * P
         self.order: list[int] = []
@@ -231,32 +267,26 @@ class NormMeter:
             self._index[key] = torch.tensor(positions, device=self.device)
         return self._index[key]
 
-    def _square_fn(self, i: int) -> Callable[[Tensor], None]:
-        """Writes ``‖g‖²`` of parameter ``i``'s gradient into its slot."""
-        p, out = self.params[i], self._sq_views[i]
-        if _acc(p.dtype) or p.dtype.is_complex or not p.dtype.is_floating_point:
-            return lambda g: out.copy_(torch.linalg.vector_norm(g, dtype=_acc(g.dtype)).square())
-        if p.dtype == self.dtype and p.device == self.device:
-
-            def direct(g: Tensor) -> None:
-                flat = g.reshape(-1)
-                torch.dot(flat, flat, out=out)
-
-            return direct
-
-        def converted(g: Tensor) -> None:
+    def _square_into(self, i: int, g: Tensor) -> None:
+        """Write ``‖g‖²`` of parameter ``i``'s gradient into its slot (any dtype, layout or graph)."""
+        out = self._sq_views[i]
+        g = sparse_values(g).detach()  # create_graph=True gradients are part of a graph
+        if g.dtype.is_floating_point and not _acc(g.dtype):
             flat = g.reshape(-1)
-            out.copy_(torch.dot(flat, flat))
-
-        return converted
+            if g.dtype == self.dtype and g.device == self.device:
+                torch.dot(flat, flat, out=out)  # reads at memory speed, while the gradient is in cache
+            else:  # e.g. the model was converted to float64 after the watch was built
+                out.copy_(torch.dot(flat, flat))
+        else:  # half precision (accumulated in float32), complex
+            out.copy_(torch.linalg.vector_norm(g, dtype=_acc(g.dtype)).square())
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
-        square = self._fns[i] if self.hooked[i] else None
+        hooked = self.hooked[i]
         fired, order = self._fired, self.order
 
         def hook(param: Tensor) -> None:
-            if square is not None and self.hot:
-                square(param.grad)
+            if hooked and self.hot:
+                self._square_into(i, param.grad)
             if not fired[i]:
                 fired[i] = True
                 order.append(i)
@@ -277,10 +307,12 @@ class NormMeter:
             for i in self._hooked_idx:  # gradients no hook saw this step (set by hand, or changed since)
                 g = grads[i]
                 if g is not None and (not self._fired[i] or not hooks_valid):
-                    self._fns[i](g)
+                    self._square_into(i, g)
             torch.sqrt(self._sq, out=out)
         rest = grads if not self._hooked_idx else [grads[i] if not self.hooked[i] else None for i in range(len(grads))]
+        rest, sparse = split_sparse(rest)
         write_norms(out, group_by_device_dtype(rest), 2.0, self._index_of)
+        write_sparse_norms(out, sparse, 2.0)
         if missing:
             out.index_fill_(0, self._index_of(missing), 0.0)
         return out

@@ -301,8 +301,24 @@ def s_fsdp_tp(rank: int, world: int):
     return out
 
 
+def s_pipeline_hsdp(rank: int, world: int):
+    """Pipeline stages over HSDP sub-meshes: mesh (pp=2, replicate=1, shard=2); stage s holds its own tensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dm = mesh((2, 1, world // 2), ("pp", "rep", "shard"))
+    stage = dm.get_local_rank("pp")
+    sub = dm["rep", "shard"]  # 2-D, spanning only this stage's ranks: reduced through a flattened group
+    fulls = [torch.randn(5, 3, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    g = distribute_tensor(fulls[stage], sub, [Replicate(), Shard(0)])
+    reducer = NormReducer([f"stage{stage}.weight"], process_group=dm["pp"])
+    with count_collectives() as c:
+        norms = reducer.norms([g])
+        total = reducer.total(norms)
+    return {"stage": stage, "fulls": fulls, "norms": norms, "total": total, "counts": dict(c.counts)}
+
+
 TWO = [s_engine, s_rows, s_mixed_meshes, s_pipeline, s_ddp, s_fsdp2, s_fsdp2_training, s_tp]
-FOUR = [s_hsdp, s_fsdp_tp]
+FOUR = [s_hsdp, s_fsdp_tp, s_pipeline_hsdp]
 
 
 @pytest.fixture(scope="module")
@@ -567,3 +583,11 @@ def test_fsdp2_with_tensor_parallel(four):
         close(r["rows"]["up.bias"], torch.linalg.vector_norm(ref["up.bias"]))
         # whole-tensor units of the 2-D mesh share one all-reduce; tp rows one; the dp-mesh head bias one
         assert r["row_counts"] == {"all_reduce": 3}
+
+
+def test_pipeline_over_hsdp_submeshes(four):
+    for r in result_of(four, "s_pipeline_hsdp"):
+        fulls = r["fulls"]
+        close(r["norms"], [torch.linalg.vector_norm(fulls[r["stage"]])])
+        close(r["total"], torch.linalg.vector_norm(torch.cat([f.reshape(-1) for f in fulls])))
+        assert r["counts"] == {"all_reduce": 2}  # the stage's mesh, then the global norm over the stages

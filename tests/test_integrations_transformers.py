@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.utils import logging as hf_logging
 
 import gradwatch as gw
@@ -143,6 +151,29 @@ def test_attach_unwraps_accelerates_optimizer(tmp_path):
     trainer = train(tmp_path, cb, max_grad_norm=0.0)
     assert cb.wrapped == "AcceleratedOptimizer"
     np.testing.assert_allclose(cb.watch.history.total, logged(trainer, "grad_norm"), rtol=1e-6)
+
+
+def test_without_a_trainer_it_records_in_on_pre_optimizer_step_and_logs_in_on_log(tmp_path):
+    """A loop that fires the events itself: the callback warns, records before the step, fills on_log's logs."""
+    model = tiny_gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=0.0, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    cb = GradWatchCallback(log_groups=None)
+    with pytest.warns(UserWarning, match="could not find the Trainer"):
+        cb.on_train_begin(args, state, control, model=model)
+    ref = []
+    for batch in torch.utils.data.DataLoader(Tokens(12), batch_size=4):
+        model(**batch).loss.backward()
+        ref.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+        cb.on_pre_optimizer_step(args, state, control)
+        opt.step()
+        opt.zero_grad()
+    logs = {"loss": 1.0}
+    cb.on_log(args, state, control, logs=logs)
+    cb.on_train_end(args, state, control)
+    np.testing.assert_allclose(cb.history.total, ref, rtol=1e-5)
+    assert logs == {"loss": 1.0, "grad_norm/total": pytest.approx(ref[-1], rel=1e-5)}
 
 
 def test_argument_errors_name_the_argument():

@@ -22,9 +22,9 @@ logging steps (one device-to-host copy per logging step).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,15 +56,19 @@ def _find_trainer(max_depth: int = 12) -> tuple[Trainer | None, Any]:
     Callbacks are not handed the Trainer, so look at the frames of the call:
     the event was raised from a method of the Trainer (``self``).
     """
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
-            return owner, frame.f_locals.get("resume_from_checkpoint")
-        frame = frame.f_back
-    return None, None
+    here = inspect.currentframe()
+    frame = here.f_back if here is not None else None
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner, frame.f_locals.get("resume_from_checkpoint")
+            frame = frame.f_back
+        return None, None
+    finally:
+        del here, frame  # no reference cycles through the frames
 
 
 class _Patch:

@@ -11,8 +11,9 @@ Reported, from rank 0: the median step time, the median over rounds of the
 ratio to the plain step of the same round, and what each variant adds per step
 in collectives (counted with ``gradwatch.distributed.count_collectives`` over
 one extra step, minus the plain step's own FSDP all-gathers and
-reduce-scatters) and in host syncs (``gradwatch.syncs.count_host_syncs`` over
-the added work).
+reduce-scatters), in host syncs and in dispatched ops other than views (counted with
+``gradwatch.syncs.count_host_syncs`` over the added work alone: a DTensor op
+counts once, at the top level, whatever it runs inside).
 
 Variants:
 
@@ -43,6 +44,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 MAX_NORM = 1.0
+#: aliasing ops (``DTensor.to_local()`` is one): metadata only, no kernel, left out of the op count
+VIEWS = {"view", "alias", "_unsafe_view"}
 
 
 def build(width: int, depth: int, mesh) -> nn.Module:
@@ -125,7 +128,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             step(name)
         hs = count_host_syncs()
         step(name, hs)
-        collectives[name], syncs[name] = c.counts, hs.syncs
+        ops = sum(n for op, n in hs.ops.items() if op not in VIEWS)
+        collectives[name], syncs[name] = c.counts, (hs.syncs, ops)
     times: dict[str, list[float]] = {name: [] for name in extra}
     order = list(extra)
     for r in range(args.rounds):
@@ -150,7 +154,10 @@ def report(names, all_times, collectives, syncs, args) -> None:
         f"FSDP2 on 2 CPU ranks (gloo): {args.depth} x Linear({args.width}), batch {args.batch} per rank, "
         f"{args.rounds} interleaved rounds, torch {torch.__version__}\n"
     )
-    head = f"{'variant':32} {'median step':>12} {'vs plain':>9}  {'collectives added per step':44} {'host syncs':>10}"
+    head = (
+        f"{'variant':32} {'median step':>12} {'vs plain':>9}  {'collectives added per step':44} "
+        f"{'host syncs':>10} {'ops':>5}"
+    )
     print(head)
     print("-" * len(head))
     for i, name in enumerate(names):
@@ -161,7 +168,8 @@ def report(names, all_times, collectives, syncs, args) -> None:
         coll = ", ".join(f"{v} {k}" for k, v in sorted(added.items())) or "none"
         if name == "plain":
             coll = "FSDP's own: " + ", ".join(f"{v} {k}" for k, v in sorted(base.items()))
-        print(f"{name:32} {med:9.2f} ms {ratio:8.3f}x  {coll:44} {syncs[name]:>10}")
+        n_syncs, n_ops = syncs[name]
+        print(f"{name:32} {med:9.2f} ms {ratio:8.3f}x  {coll:44} {n_syncs:>10} {n_ops:>5}")
 
 
 def main() -> None:

@@ -353,6 +353,9 @@ def _local_powers(locs: Sequence[Tensor | None], p: float, out: Tensor) -> None:
             norms = torch._foreach_norm(ts, p, dtype=acc)
         else:
             norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+        if len(pos) == out.numel() and norms[0].dtype == out.dtype and norms[0].device == out.device:
+            torch.stack(norms, out=out)  # the common case: one group, every gradient present
+            continue
         vals = torch.stack(norms).to(device=out.device, dtype=out.dtype)
         if len(pos) == out.numel():
             out.copy_(vals)

@@ -15,6 +15,7 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # a copy of MathJax 3 served from _static: math renders offline
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -29,8 +30,11 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"gradwatch {release}"
 html_static_path = ["_static"]
-# Docstring examples use the names of their own module (pytest runs them that
-# way too, with --doctest-modules); give the doctest builder the same names.
+html_css_files = ["srn/wide.css"]  # wide tables and long code lines scroll inside the page
+# Docstring examples (pulled in by autodoc) use the names of their own module, as
+# pytest --doctest-modules runs them; give the doctest builder the same names.
+# The pages' own snippets import what they use (tools/run_snippets.py runs each
+# one alone, with nothing injected).
 doctest_global_setup = """
 import math
 import matplotlib
@@ -45,6 +49,7 @@ from gradwatch.norms import *
 from gradwatch.plot import *
 from gradwatch.sinks import *
 """
-# MathJax is loaded from a CDN by the browser when a page is read, never at build time.
+# No page loads anything from the network: MathJax comes from the sphinx-mathjax-offline package
+# (checked after each build by tools/check_html_offline.py).
 nitpicky = False
 suppress_warnings = ["myst.header"]

@@ -1,9 +1,11 @@
-"""One run of the digit-sum experiment, gradwatch doing all watching and clipping."""
+"""One run of the digit-sum experiment (SRN or LSTM), gradwatch doing all watching and clipping."""
 
 from __future__ import annotations
 
 import copy
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +23,16 @@ CLIPPERS = {
     "ClipByGlobalNorm(1)": lambda: gw.ClipByGlobalNorm(1.0),
     "AutoClip()": lambda: gw.AutoClip(),
     "ZClip()": lambda: gw.ZClip(),
-    "AGC()": lambda: gw.AGC(exclude=["linear.*"]),
+    "AGC(exclude=linear.*)": lambda: gw.AGC(exclude=["linear.*"]),  # the output layer unclipped, as the paper does
     "Chain(GlobalNorm(5), AutoClip)": lambda: gw.Chain(gw.ClipByGlobalNorm(5.0), gw.AutoClip()),
 }
 
 
 @dataclass
 class Config:
-    """The book's 6.2 settings by default."""
+    """The book's 6.2 settings by default; ``model="lstm"`` is practice 6.3's architecture in the same set-up."""
 
+    model: str = "srn"
     length: int = 20
     epochs: int = 50
     batch_size: int = 64
@@ -37,7 +40,7 @@ class Config:
     seed: int = 0
     clipper: str = "none"
     eval_steps: int = 100
-    tap_steps: tuple[int, ...] = ()  # steps at which to record ‖∂L/∂h_t‖
+    tap_steps: tuple[int, ...] = ()  # steps at which to record ‖∂L/∂h_t‖ (and ‖∂L/∂c_t‖ for the LSTM)
 
 
 @dataclass
@@ -48,25 +51,37 @@ class Result:
     dev_curve: list[tuple[int, float]]
     history: gw.History
     losses: list[float] = field(default_factory=list)
+    seconds: float = math.nan  # wall-clock time of the run
+    cpu_seconds: float = math.nan  # CPU time of the process (unaffected by other jobs on a shared machine)
 
     def summary(self) -> dict[str, Any]:
+        """Scalars of the run; for the LSTM, ``W``/``U``/``b`` are each the four gates' tensors together."""
         h = self.history
-        u = h["rnn_model.U"]
+        w, u, b = (_joint_norm(h, f"rnn_model.{p}") for p in ("W", "U", "b"))
         return {
+            "model": self.config.model,
             "clipper": self.config.clipper,
             "seed": self.config.seed,
             "epochs": self.config.epochs,
             "test_acc": self.test_acc,
             "best_dev_acc": self.best_dev_acc,
-            "peak_W": float(np.nanmax(h["rnn_model.W"])),
+            "peak_W": float(np.nanmax(w)),
             "peak_U": float(np.nanmax(u)),
-            "peak_b": float(np.nanmax(h["rnn_model.b"])),
+            "peak_b": float(np.nanmax(b)),
             "frac_U_below_1e-3": float(np.mean(u < 1e-3)),
             "clip_fraction": h.clip_fraction,
             "vanishing_events": len(h.events_of("vanishing")),
             "spike_events": len(h.events_of("spike")),
             "final_loss": self.losses[-1] if self.losses else math.nan,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
         }
+
+
+def _joint_norm(h: gw.History, prefix: str) -> np.ndarray:
+    """L2 norm over the parameters named ``prefix`` or ``prefix_<gate>`` (the SRN's W, the LSTM's W_i..W_c)."""
+    cols = [n for n in h.names if n == prefix or n.startswith(prefix + "_")]
+    return np.sqrt(sum(h[n].astype(np.float64) ** 2 for n in cols))
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -74,10 +89,18 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def run(cfg: Config, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Result:
-    """Train, evaluating dev every ``eval_steps`` and at the end; test the best-dev model."""
+def run(
+    cfg: Config,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    on_step: Callable[[int, int], None] | None = None,
+) -> Result:
+    """Train, evaluating dev every ``eval_steps`` and at the end; test the best-dev model.
+
+    ``on_step(step, total_steps)`` is called after every optimizer step (for progress bars).
+    """
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
-    model = SRNClassifier()
+    model = SRNClassifier(cell=cfg.model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     watch = gw.GradWatch(
@@ -105,6 +128,8 @@ def run(cfg: Config, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Result
             opt.zero_grad()
             losses.append(loss.detach())  # kept on the device: no host sync per step
             step += 1
+            if on_step is not None:
+                on_step(step, total_steps)
             if step % cfg.eval_steps == 0 or step == total_steps:
                 acc = accuracy(model, x_dev, y_dev)
                 dev_curve.append((step, acc))
@@ -113,4 +138,6 @@ def run(cfg: Config, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Result
     watch.close()
     model.load_state_dict(best_state)
     losses_host = torch.stack(losses).tolist() if losses else []
-    return Result(cfg, accuracy(model, x_test, y_test), best_dev, dev_curve, watch.history, losses_host)
+    test_acc = accuracy(model, x_test, y_test)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    return Result(cfg, test_acc, best_dev, dev_curve, watch.history, losses_host, seconds, cpu_seconds)

@@ -33,6 +33,7 @@ from gradwatch.detect import (
     Threshold,
     Vanishing,
 )
+from gradwatch.forensics import FlightRecorder, Incident, Onset, find_onsets, plot_incident
 from gradwatch.history import History
 from gradwatch.plot import plot_clipping, plot_compare, plot_heatmap, plot_norms, plot_taps
 from gradwatch.sinks import CallbackSink, CSVSink, JSONLSink, Sink, TensorBoardSink, read_csv, read_jsonl
@@ -58,12 +59,15 @@ __all__ = [
     "Clipper",
     "Detector",
     "Event",
+    "FlightRecorder",
     "GradWatch",
     "GradientAnomalyError",
     "GradientWarning",
     "History",
+    "Incident",
     "JSONLSink",
     "NonFinite",
+    "Onset",
     "Sink",
     "Spike",
     "TensorBoardSink",
@@ -72,9 +76,11 @@ __all__ = [
     "ZClip",
     "__version__",
     "count_host_syncs",
+    "find_onsets",
     "plot_clipping",
     "plot_compare",
     "plot_heatmap",
+    "plot_incident",
     "plot_norms",
     "plot_taps",
     "read_csv",

@@ -271,6 +271,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_incidents(args: argparse.Namespace) -> int:
+    from gradwatch.forensics import format_incidents
+
+    if args.top < 1:
+        raise RunError(f"--top must be >= 1, got {args.top}")
+    run = Path(args.run)
+    if run.suffix.lower() in (".csv", ".jsonl", ".json"):  # file sinks keep incidents in a companion file
+        companion = Path(f"{run}.incidents.npz")
+        if not companion.exists():
+            print(f"{run}: no incidents ({companion.name} does not exist: no FlightRecorder incident was written)")
+            return 0
+        run = companion
+    if not run.exists():
+        raise RunError(f"{run}: no such file")
+    try:
+        h = History.load(run)
+    except ValueError as exc:
+        raise RunError(f"{run}: {exc}") from exc
+    print(f"{args.run}: {format_incidents(h, top=args.top)}")
+    return 0
+
+
 def _version() -> str:
     from gradwatch import __version__
 
@@ -292,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="COMMAND",
-        help="summary, plot or compare (COMMAND --help for its options)",
+        help="summary, plot, compare or incidents (COMMAND --help for its options)",
     )
     s = sub.add_parser(
         "summary",
@@ -340,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--log", action=argparse.BooleanOptionalAction, default=None, help="log or linear y axis (default: log)"
     )
     c.set_defaults(fn=cmd_compare)
+    inc = sub.add_parser(
+        "incidents",
+        help="a flight recorder's incidents: trigger, window and where it started (onset ranking)",
+        description="Print the incidents of RUN: a .npz (History.save), or the <RUN>.incidents.npz file written "
+        "beside a .csv/.jsonl sink's file.",
+    )
+    inc.add_argument("run", type=Path, metavar="RUN", help=run_help)
+    inc.add_argument("--top", type=int, default=5, metavar="N", help="onsets listed per incident (default 5)")
+    inc.set_defaults(fn=cmd_incidents)
     return p
 
 

@@ -80,6 +80,8 @@ class OptimizerGate:
         on_unknown: called once with the parameters an attached optimizer
             updates but the watch does not know (e.g. added with
             ``add_param_group`` after the watch was built).
+        on_update: called with each attached optimizer right after its step,
+            before ``on_done`` (the watch measures the applied update there), or None.
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class OptimizerGate:
         on_done: Callable[[], None],
         on_unknown: Callable[[list[Tensor]], None],
         watched: Sequence[Tensor],
+        on_update: Callable[[torch.optim.Optimizer], None] | None = None,
     ) -> None:
         self._on_grads = on_grads
+        self._on_update = on_update
         self._on_done = on_done
         self._on_unknown = on_unknown
         self._watched = {id(p) for p in watched}
@@ -178,6 +182,8 @@ class OptimizerGate:
 
     def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._restore()
+        if self._on_update is not None:
+            self._on_update(opt)
         self._on_done()
 
     def _check_params(self, opt: torch.optim.Optimizer) -> None:

@@ -10,20 +10,25 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradwatch.detect import Event
+
+if TYPE_CHECKING:
+    from gradwatch.forensics import Incident
 
 __all__ = ["History"]
 
 #: per-step 1-D float columns (besides the [S, P] matrices)
 _SCALARS = ("total", "total_clipped", "clip_coef", "clip_threshold", "scale")
 #: every column a History holds, in file order
-COLUMNS = ("steps", "norms", "norms_clipped", "grad_missing", *_SCALARS, "taps")
+COLUMNS = ("steps", "norms", "norms_clipped", "grad_missing", *_SCALARS, "taps", "param_norms", "update_norms")
 #: columns a source may declare unknown (the rest are always known)
-_OPTIONAL = ("norms_clipped", "grad_missing", *_SCALARS[1:], "taps")
+_OPTIONAL = ("norms_clipped", "grad_missing", *_SCALARS[1:], "taps", "param_norms", "update_norms")
+#: the ``[S, P]`` columns
+_MATRICES = ("norms", "norms_clipped", "grad_missing", "param_norms", "update_norms")
 _FORMAT = 2
 _GROWTH = 1.25  # capacity factor: amortised O(1) appends, at most 25 % slack
 
@@ -72,9 +77,13 @@ class History:
     The per-step columns are numpy arrays (properties below), one row per
     observed step: ``steps``, ``norms`` and ``norms_clipped`` ``[S, P]``,
     ``grad_missing``, ``total``, ``total_clipped``, ``clip_coef``,
-    ``clip_threshold``, ``scale`` and ``taps``. A parameter whose ``.grad`` was
-    None at a step is recorded with norm 0 and flagged in ``grad_missing``; NaN
-    and Inf are kept as they were.
+    ``clip_threshold``, ``scale`` and ``taps``; with ``GradWatch(param_norms=True)``
+    or ``update_ratio=True`` also ``param_norms``, ``update_norms`` and
+    ``update_ratio`` ``[S, P]`` (NaN where not recorded). A parameter whose
+    ``.grad`` was None at a step is recorded with norm 0 and flagged in
+    ``grad_missing``; NaN and Inf are kept as they were. With a
+    :class:`~gradwatch.FlightRecorder`, :attr:`incidents` holds the full-resolution
+    windows around anomalies.
 
     History is append-only: :meth:`append` and :meth:`extend` add rows (in
     amortised constant time per row), and reading a column returns a read-only
@@ -91,11 +100,13 @@ class History:
         meta: free-form description of the run (clipper, detectors, ...).
         unknown: columns the source did not hold, from ``norms_clipped``,
             ``grad_missing``, ``total_clipped``, ``clip_coef``,
-            ``clip_threshold``, ``scale`` and ``taps``.
+            ``clip_threshold``, ``scale``, ``taps``, ``param_norms`` and ``update_norms``.
 
     Attributes:
         names: parameter names, in model order (``P`` of them).
         events: the :class:`~gradwatch.Event` list, in step order.
+        incidents: the :class:`~gradwatch.Incident` list (a flight recorder's
+            windows), in step order; kept by :meth:`save`/:meth:`load`.
         tap_names: names of tapped tensors (:meth:`GradWatch.tap`), the columns of ``taps``.
         meta: free-form description of the run.
 
@@ -118,6 +129,7 @@ class History:
             raise ValueError(f"names must be unique; repeated: {dup[:5]}")
         self.meta: dict[str, Any] = dict(meta or {})
         self.events: list[Event] = []
+        self.incidents: list[Incident] = []
         self.tap_names: list[str] = []
         self._unknown = frozenset(unknown)
         bad = sorted(self._unknown - set(_OPTIONAL))
@@ -139,15 +151,17 @@ class History:
         clip_coef: np.ndarray | None = None,
         clip_threshold: np.ndarray | None = None,
         scale: np.ndarray | None = None,
+        param_norms: np.ndarray | None = None,
+        update_norms: np.ndarray | None = None,
         taps: dict[str, np.ndarray] | None = None,
         events: Sequence[Event] = (),
     ) -> None:
         """Add rows (copied); omitted columns take their "nothing happened" values.
 
         The keyword columns (``norms_clipped``, ``grad_missing``, ``total``,
-        ``total_clipped``, ``clip_coef``, ``clip_threshold``, ``scale``) have the
-        shapes of the properties of the same names; ``total`` defaults to the
-        L2 norm of each row of ``norms``.
+        ``total_clipped``, ``clip_coef``, ``clip_threshold``, ``scale``,
+        ``param_norms``, ``update_norms``) have the shapes of the properties of
+        the same names; ``total`` defaults to the L2 norm of each row of ``norms``.
 
         Args:
             steps: ``[n]`` step indices.
@@ -174,13 +188,15 @@ class History:
             "clip_coef": clip_coef,
             "clip_threshold": clip_threshold,
             "scale": scale,
+            "param_norms": param_norms,
+            "update_norms": update_norms,
         }
         cols = {"steps": steps, "norms": norms, "total": np.asarray(total)}
         for key, value in given.items():
             if value is not None:
                 cols[key] = np.asarray(value)
         for key, value in cols.items():
-            want = (n, P) if key in ("norms", "norms_clipped", "grad_missing") else (n,)
+            want = (n, P) if key in _MATRICES else (n,)
             if value.shape != want:
                 raise ValueError(f"{key} must have shape {want}, got {value.shape}")
         if not len(self._cols.arrays):
@@ -189,7 +205,7 @@ class History:
         self.events.extend(events)
 
     def extend(self, other: History) -> None:
-        """Append all rows and events of ``other`` (same parameter names).
+        """Append all rows, events and incidents of ``other`` (same parameter names).
 
         Raises:
             ValueError: ``other`` has other parameter names.
@@ -204,6 +220,7 @@ class History:
             raise ValueError("extend needs a History with the same parameter names")
         if not len(other):
             self.events.extend(other.events)
+            self.incidents.extend(other.incidents)
             return
         cols = {k: other._cols.view(k) for k in other._cols.arrays if k != "taps"}
         taps = {name: other.taps[:, j] for j, name in enumerate(other.tap_names)}
@@ -211,6 +228,7 @@ class History:
             self._dtype = other._dtype
         self._write(cols, taps)
         self.events.extend(other.events)
+        self.incidents.extend(other.incidents)
 
     def _write(self, cols: dict[str, np.ndarray], taps: dict[str, np.ndarray]) -> None:
         store = self._cols
@@ -222,7 +240,7 @@ class History:
                 store.add(key, (P,) if key == "norms" else (), np.int64 if key == "steps" else self._dtype, 0)
         for key in cols:
             if key not in store.arrays:  # first time given: earlier rows get their default
-                tail = (P,) if key in ("norms_clipped", "grad_missing") else ()
+                tail = (P,) if key in _MATRICES else ()
                 store.add(key, tail, bool if key == "grad_missing" else self._dtype, 0)
                 self._fill_default(key, slice(0, store.n))
         for name in taps:
@@ -273,7 +291,7 @@ class History:
     def _col(self, key: str) -> np.ndarray:
         n, P = len(self), len(self.names)
         if key in self._unknown:
-            shape = (n, len(self.tap_names)) if key == "taps" else (n, P) if key == "norms_clipped" else (n,)
+            shape = (n, len(self.tap_names)) if key == "taps" else (n, P) if key in _MATRICES else (n,)
             return np.full(shape, np.nan, self._dtype)
         store = self._cols
         if key in store.arrays:
@@ -283,7 +301,7 @@ class History:
         if key == "total_clipped" and "total" in store.arrays:
             return store.view("total")
         dtype = {"steps": np.int64, "grad_missing": bool}.get(key, self._dtype)
-        shape = (n, P) if key in ("norms", "norms_clipped", "grad_missing") else (n, 0) if key == "taps" else (n,)
+        shape = (n, P) if key in _MATRICES else (n, 0) if key == "taps" else (n,)
         out = np.full(
             shape, {"clip_coef": 1.0, "grad_missing": False, "steps": 0, "norms": 0.0}.get(key, np.nan), dtype
         )
@@ -306,6 +324,31 @@ class History:
     )
     scale = property(lambda self: self._col("scale"), doc="``[S]`` GradScaler scale (NaN without one).")
     taps = property(lambda self: self._col("taps"), doc="``[S, K]`` gradient norms of tapped tensors.")
+    param_norms = property(
+        lambda self: self._col("param_norms"),
+        doc="``[S, P]`` L2 norm of each parameter ``‖W_t‖`` before the step (NaN where not recorded).",
+    )
+    update_norms = property(
+        lambda self: self._col("update_norms"),
+        doc="``[S, P]`` ``‖W_{t+1} - W_t‖``: the update the optimizer applied (NaN where not recorded).",
+    )
+
+    @property
+    def update_ratio(self) -> np.ndarray:
+        """``[S, P]`` update-to-weight ratio ``‖W_{t+1} - W_t‖ / ‖W_t‖`` (NaN where not recorded).
+
+        ``update_norms / param_norms``, IEEE division: ``inf`` where the weight
+        was exactly zero and moved (a zero-initialised bias at its first step).
+
+        Example:
+            >>> h = History(["w"]); h.append([0], [[1.0]], param_norms=[[2.0]], update_norms=[[0.002]])
+            >>> h.update_ratio.tolist()
+            [[0.001]]
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.update_norms / self.param_norms
+        out.flags.writeable = False
+        return out
 
     def __len__(self) -> int:
         return self._cols.n
@@ -369,8 +412,10 @@ class History:
 
         A group's norm is the L2 norm of its members' norms (the norm of all
         their gradients together), before and after clipping; a group's
-        gradient is missing only if all its members' are. Totals, steps and
-        events carry over (events renamed to their group).
+        gradient is missing only if all its members' are; ``param_norms`` and
+        ``update_norms`` group the same way (so ``update_ratio`` is the group's
+        ``‖ΔW‖/‖W‖``). Totals, steps and events carry over (events renamed to
+        their group); incidents carry over unchanged, at parameter resolution.
 
         Args:
             by: a module depth (``1`` groups ``"layers.3.attn.weight"`` under
@@ -405,6 +450,7 @@ class History:
                 return np.stack(cols, axis=1).astype(mat.dtype)
 
             missing = np.stack([self.grad_missing[:, idx].all(axis=1) for idx in groups.values()], 1)
+            weights = {k: l2(self._col(k)) for k in ("param_norms", "update_norms") if k in self._cols.arrays}
             out.append(
                 self.steps,
                 l2(self.norms),
@@ -412,9 +458,45 @@ class History:
                 grad_missing=missing,
                 taps={name: self.taps[:, j] for j, name in enumerate(self.tap_names)},
                 **{k: self._col(k) for k in _SCALARS},
+                **weights,
             )
         out.tap_names = list(self.tap_names)
         out.events = [e if e.name is None else replace(e, name=str(key(e.name))) for e in self.events]
+        out.incidents = list(self.incidents)
+        return out
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> History:
+        """A new history holding only ``rows`` (indices or a boolean mask), with the events of their steps.
+
+        Incidents are not carried (they are windows of their own).
+
+        Args:
+            rows: row indices (``int``) or a ``bool [S]`` mask.
+
+        Raises:
+            IndexError: an index out of range, or a mask of another length.
+
+        Example:
+            >>> h = History(["w"]); h.append([0, 1, 2], [[1.0], [2.0], [3.0]])
+            >>> h.take(h.steps % 2 == 0).steps.tolist()
+            [0, 2]
+        """
+        idx = np.asarray(rows)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"a row mask must have shape {(len(self),)}, got {idx.shape}")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        out = History(self.names, self.meta, unknown=self._unknown)
+        out._dtype = self._dtype
+        cols = {k: self._cols.view(k)[idx] for k in self._cols.arrays if k != "taps"}
+        if "steps" not in cols:
+            cols = {"steps": np.zeros(0, np.int64), "norms": np.zeros((0, len(self.names)), self._dtype)}
+        taps = {name: self.taps[idx, j] for j, name in enumerate(self.tap_names)}
+        out._write(cols, taps)
+        out.tap_names = list(self.tap_names)
+        kept = set(cols["steps"].tolist())
+        out.events = [e for e in self.events if e.step in kept]
         return out
 
     # -- persistence --------------------------------------------------------------
@@ -423,20 +505,19 @@ class History:
 
         The file is written to a temporary name beside ``path`` and renamed
         over it, so a failed save never truncates an earlier good file.
+        Incidents are stored in the same file: their fields in the JSON header
+        (``"incidents"``), their windows' columns as arrays named
+        ``incident.<i>.<column>`` (files without incidents load with ``[]``).
         """
-        events = [
-            [int(e.step), str(e.kind), None if e.name is None else str(e.name), float(e.value), _opt_float(e.threshold)]
-            for e in self.events
-        ]
-        arrays = {key: self._cols.view(key) for key in self._cols.arrays}
-        header = {
-            "format": _FORMAT,
-            "names": self.names,
-            "tap_names": self.tap_names,
-            "meta": self.meta,
-            "events": events,
-            "unknown": sorted(self._unknown),
-        }
+        from gradwatch.forensics import incident_header
+
+        header, arrays = self._payload()
+        header["format"] = _FORMAT
+        header["incidents"] = []
+        for i, inc in enumerate(self.incidents):
+            head, cols = inc.history._payload()
+            header["incidents"].append({**incident_header(inc), "history": head})
+            arrays.update({f"incident.{i}.{k}": v for k, v in cols.items()})
         text = json.dumps(header, default=_json_default)
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(prefix=".gradwatch-", suffix=".npz.tmp", dir=os.path.dirname(path) or ".")
@@ -466,11 +547,39 @@ class History:
             raise
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
             raise ValueError(f"{os.fspath(path)!r} is not a gradwatch history (.npz written by History.save)") from exc
+        h = cls._from_payload(header, arrays)
+        if header.get("incidents"):
+            from gradwatch.forensics import incident_from_header
+
+            for i, d in enumerate(header["incidents"]):
+                prefix = f"incident.{i}."
+                cols = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+                h.incidents.append(incident_from_header(d, cls._from_payload(d["history"], cols)))
+        return h
+
+    def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The JSON header fields and the column arrays that :meth:`save` writes for this history."""
+        events = [
+            [int(e.step), str(e.kind), None if e.name is None else str(e.name), float(e.value), _opt_float(e.threshold)]
+            for e in self.events
+        ]
+        header = {
+            "names": self.names,
+            "tap_names": self.tap_names,
+            "meta": self.meta,
+            "events": events,
+            "unknown": sorted(self._unknown),
+        }
+        return header, {key: self._cols.view(key) for key in self._cols.arrays}
+
+    @classmethod
+    def _from_payload(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> History:
+        """The history of one :meth:`_payload` (the top-level run or an incident's window)."""
         h = cls(header["names"], header.get("meta"), unknown=header.get("unknown", ()))
         if len(arrays.get("steps", ())):
             tap_names = list(header.get("tap_names", []))
-            taps = arrays.pop("taps", np.zeros((len(arrays["steps"]), 0)))
-            kw = {k: v for k, v in arrays.items() if k in COLUMNS and k not in ("steps", "norms")}
+            taps = arrays.get("taps", np.zeros((len(arrays["steps"]), 0)))
+            kw = {k: v for k, v in arrays.items() if k in COLUMNS and k not in ("steps", "norms", "taps")}
             h.append(arrays["steps"], arrays["norms"], taps={n: taps[:, j] for j, n in enumerate(tap_names)}, **kw)
         h.tap_names = list(header.get("tap_names", []))
         h.events = [

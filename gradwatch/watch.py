@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
+import os
 import sys
 import traceback
 import weakref
@@ -17,14 +20,18 @@ from torch import Tensor, nn
 from gradwatch._compat import scale_of
 from gradwatch._layout import RecordLayout
 from gradwatch._params import clean_name, named_trainable
-from gradwatch._validate import check_choice, check_instance, check_int
+from gradwatch._validate import check_bool, check_choice, check_instance, check_int
 from gradwatch.clip import ClipContext, Clipper, ClipResult
 from gradwatch.detect import Detector, Event, GradientAnomalyError, Observation, Record, Warner, ready_first
+from gradwatch.forensics import FlightRecorder, WeightMeter, write_incident_file
 from gradwatch.gate import OptimizerGate, warn_unwatched
 from gradwatch.history import History
 from gradwatch.norms import MODES, NormMeter, stat_dtype
 
 __all__ = ["GradWatch"]
+
+#: columns written in place during the step (the rest are written by value, in one op, in the record phase)
+_IN_PLACE = ("norms", "total", "param_norms", "update_norms")
 
 #: the largest ``flush_every``: rows are allocated as they fill, but a flush must stay addressable
 MAX_FLUSH_EVERY = 2**31 - 1
@@ -152,12 +159,24 @@ class GradWatch:
             (``scaler.unscale_``, unless already done this step) before
             measuring, non-finite steps are labelled ``"amp_overflow"`` and the
             scale is recorded. Call :meth:`step` before ``scaler.step(optimizer)``.
+        recorder: a :class:`~gradwatch.FlightRecorder`: measure, clip and
+            detect at every step, keep history rows every ``every`` steps, and
+            the full rows around each incident in ``History.incidents``
+            (``flush_every`` then counts steps). See :mod:`gradwatch.forensics`.
+        param_norms: record ``‖W‖`` of every parameter before the optimizer
+            step in ``History.param_norms`` (one fused norm pass, no sync).
+        update_ratio: record ``‖W_{t+1} - W_t‖`` in ``History.update_norms`` and
+            so ``History.update_ratio`` (implies ``param_norms``), measured in
+            the attached optimizers' post-step hooks: the update they actually
+            applied. Costs one scratch copy of the watched parameters (their
+            size in their dtype) and needs :meth:`attach`.
 
     Raises:
         TypeError: ``model`` is neither a module nor named parameters, or a
             clipper/detector/sink/scaler of the wrong type.
         ValueError: no trainable parameter, duplicate names,
-            ``every``/``flush_every`` out of range, or an unknown ``measure``.
+            ``every``/``flush_every`` out of range, an unknown ``measure``, or a
+            recorder that already serves another watch.
 
     Example:
         >>> import gradwatch as gw
@@ -185,6 +204,9 @@ class GradWatch:
         flush_every: int = 100,
         measure: str = "auto",
         scaler: Any | None = None,
+        recorder: FlightRecorder | None = None,
+        param_norms: bool = False,
+        update_ratio: bool = False,
     ) -> None:
         self.names, self.params = named_trainable(model, "model")
         if not self.params:
@@ -201,6 +223,11 @@ class GradWatch:
                 raise TypeError(f"sinks must have open/write/close methods (gradwatch.Sink), got {type(s).__name__}")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if recorder is not None:
+            check_instance(recorder, "recorder", FlightRecorder, "a gradwatch FlightRecorder or None")
+        self._recorder = recorder
+        self.update_ratio = check_bool(update_ratio, "update_ratio")
+        self.param_norms = check_bool(param_norms, "param_norms") or self.update_ratio
         self.clipper = clipper
         self.scaler = scaler
         self.measure = _effective_mode(model, measure, scaler)
@@ -210,17 +237,28 @@ class GradWatch:
         self.dtype = stat_dtype([p.dtype for p in self.params])
         self._layout = self._declare_layout()
         self._rows = _Rows(self._layout, self.flush_every, self.device, self.dtype)
-        self._first_value_column = next((k for k in self._layout.names() if k not in ("norms", "total")), "")
+        self._first_value_column = next((k for k in self._layout.names() if k not in _IN_PLACE), "")
         self._pending: list[_RowMeta] = []
         track_order = any(type(d).events is not Detector.events for d in self.detectors) or scaler is not None
         self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
-        self._gate = OptimizerGate(self._gated_step, self._flush_if_full, self._warn_unknown, self.params)
+        self._gate = OptimizerGate(
+            self._gated_step,
+            self._flush_if_full,
+            self._warn_unknown,
+            self.params,
+            on_update=self._after_update if update_ratio else None,
+        )
         self._history = History(self.names, meta=self._meta())
         self._warner = Warner()
         self._step = 0
         self._taps: dict[str, Tensor | None] = {}
         self._closed = False
         self._warned_unwatched = False
+        self._weights = WeightMeter(self.params, update=self.update_ratio) if self.param_norms else None
+        self._flushes = 0  # flush generation: a post-step hook writes its row only if it was not flushed yet
+        self._update_row: tuple[Tensor, int, int] | None = None  # (column, flush generation, step)
+        if recorder is not None:
+            recorder.bind()
         for s in self.sinks:
             s.open(self.names, self._history.meta)
         _OPEN.add(self)
@@ -232,6 +270,10 @@ class GradWatch:
         layout = RecordLayout()
         layout.declare("norms", P)  # the meter writes these two in place
         layout.declare("total", 1, scalar=True)
+        if self.param_norms:  # in place too: at the step, and in the optimizer's post-step hook
+            layout.declare("param_norms", P)
+        if self.update_ratio:
+            layout.declare("update_norms", P)
         if self.clipper is not None:
             self.clipper.bind(self.names, self.params)
             for key in ("clip.total", "clip.coef", "clip.threshold"):
@@ -251,6 +293,7 @@ class GradWatch:
             "detectors": [repr(d) for d in self.detectors],
             "every": self.every,
             "measure": self.measure,
+            **({"recorder": repr(self._recorder)} if self._recorder is not None else {}),
         }
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradWatch:
@@ -289,6 +332,11 @@ class GradWatch:
             GradientAnomalyError: a detector with ``action="raise"`` fired.
         """
         self._check_open("step")
+        if self.update_ratio and not self._gate.optimizers():
+            raise RuntimeError(
+                "GradWatch(update_ratio=True) measures the update in the optimizer's post-step hook: "
+                "call watch.attach(optimizer) before stepping"
+            )
         try:
             skip = self._run_step()
         except BaseException:
@@ -309,8 +357,8 @@ class GradWatch:
         """The five phases; returns the skip flag (or None)."""
         step = self._step
         self._step += 1
-        self._meter.hot = self._step % self.every == 0 or self.clipper is not None
-        observe = step % self.every == 0
+        self._meter.hot = self._hot(self._step)
+        observe = step % self.every == 0 or self._recorder is not None
         count, recorded = self._rows.count, False
         try:
             if not observe and self.clipper is None:
@@ -338,6 +386,16 @@ class GradWatch:
         grads = [p.grad for p in self.params]
         return grads, [i for i, g in enumerate(grads) if g is None]
 
+    def _hot(self, step: int) -> bool:
+        """Whether the step numbered ``step`` measures (records, clips, or feeds the flight recorder)."""
+        return step % self.every == 0 or self.clipper is not None or self._recorder is not None
+
+    def _after_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """After an attached optimizer's step: ``‖W_{t+1} - W_t‖`` of its parameters into the step's row."""
+        pending = self._update_row  # the row of this round's step, unless flushed since or the step was not recorded
+        if pending is not None and pending[1:] == (self._flushes, self._step - 1) and self._weights is not None:
+            self._weights.update(optimizer, pending[0])
+
     def _measure(self, row: _Row, grads: list[Tensor | None], missing: list[int]) -> None:
         """Phase 1: this step's norms and their total, into the row."""
         unscaled = self.scaler is not None and self.scaler.is_enabled()
@@ -346,6 +404,8 @@ class GradWatch:
             grads, missing = self._grads()
         self._meter.measure(grads, missing, row.cols["norms"], hooks_valid=not unscaled)
         torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
+        if self._weights is not None:
+            self._weights.norms(row.cols["param_norms"])
 
     def _clip(self, row: _Row, step: int) -> ClipResult | None:
         """Phase 2: the clipper, reusing the measured norms."""
@@ -377,6 +437,9 @@ class GradWatch:
             values.update({f"detector{i}.{k}": v for k, v in vals.items()})
         if values:
             self._layout.write(row.tensor, values, first=self._first_value_column)
+        if self._weights is not None and self.update_ratio:  # W_t, for the optimizer's post-step hook
+            self._weights.snapshot(row.cols["update_norms"])
+            self._update_row = (row.cols["update_norms"], self._flushes, step)
         taps = {k: v for k, v in self._taps.items() if v is not None}
         self._pending.append(_RowMeta(step, missing, list(self._meter.order), taps))
 
@@ -434,6 +497,47 @@ class GradWatch:
             tensor.register_hook(hook)
         return tensor
 
+    # -- forensics ----------------------------------------------------------------
+    def mark(self, reason: str | None = None, *, step: int | None = None, value: float = math.nan) -> None:
+        """Save the steps around ``step`` as an incident, as if a detector had fired there.
+
+        For what the watch cannot see: a loss spike, a divergence of your own
+        metric. Host only (no sync); the incident is cut when the step's row is
+        flushed and appears in ``History.incidents`` once ``after`` more steps
+        have been flushed (or at :meth:`close`).
+
+        Args:
+            reason: a label kept as ``Incident.reason`` (the incident's kind is ``"mark"``).
+            step: the step to mark, >= 0 and at most the coming step (default:
+                the last step the watch ran, or step 0 before any).
+            value: a number kept as ``Incident.value`` (e.g. the loss); NaN by default.
+
+        Raises:
+            RuntimeError: the watch is closed, or has no ``recorder``.
+            TypeError: ``reason`` not a string, ``step`` not an integer or ``value`` not a number.
+            ValueError: ``step`` out of range.
+
+        Example:
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> watch = GradWatch(lin, recorder=FlightRecorder(before=1, after=0))
+            >>> for _ in range(3):
+            ...     lin(torch.ones(1, 2)).sum().backward(); watch.step()
+            >>> watch.mark("loss spike", value=7.5)
+            >>> print(watch.history.incidents[0])
+            step 2: mark (loss spike): value 7.5; steps 1..2 (2 rows); onset: none
+        """
+        self._check_open("mark")
+        if self._recorder is None:
+            raise RuntimeError(
+                "GradWatch.mark() needs a flight recorder: GradWatch(..., recorder=gradwatch.FlightRecorder())"
+            )
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None, got {type(reason).__name__}")
+        step = max(self._step - 1, 0) if step is None else check_int(step, "step", min=0, max=self._step)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"value must be a number, got {value!r} ({type(value).__name__})")
+        self._recorder.mark(step, reason, float(value))
+
     # -- flushing -----------------------------------------------------------------
     def _flush_if_full(self) -> None:
         if self._rows.full:
@@ -445,15 +549,30 @@ class GradWatch:
         The rows and their events are stored in :attr:`history` first; then
         every sink gets them, and warnings and callbacks fire. If any of those
         raises, the others still run and the first error is raised at the end:
-        nothing recorded is lost.
+        nothing recorded is lost. With a ``recorder`` every buffered step is
+        copied, the rows of ``step % every == 0`` are kept, and every row passes
+        through the recorder (incidents completed here are stored and handed
+        out with the rows).
         """
-        if not self._rows.count:
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """:meth:`flush`; ``final`` (at close) completes the flight recorder's open incident."""
+        if self._rows.count:
+            metas, self._pending = self._pending, []
+            cols, taps = self._to_host(metas)
+            self._flushes += 1
+            chunk, reactions = self._chunk(cols, metas, taps)
+        elif final and self._recorder is not None:
+            chunk, reactions = History(self.names, self._history.meta), []
+        else:
             return
-        metas, self._pending = self._pending, []
-        cols, taps = self._to_host(metas)
-        chunk, reactions = self._chunk(cols, metas, taps)
+        if self._recorder is not None:
+            chunk = self._recorded(chunk, final)
         self._history.extend(chunk)
         errors: list[BaseException] = []
+        if chunk.incidents:
+            _collect(errors, self._write_incident_files)
         for sink in self.sinks:
             _collect(errors, sink.write, chunk)
         for detector, event in reactions:
@@ -515,11 +634,31 @@ class GradWatch:
             total=total,
             grad_missing=missing if missing.any() else None,
             scale=cols.get("scale"),
+            param_norms=cols.get("param_norms"),
+            update_norms=cols.get("update_norms"),
             taps=taps,
             events=events,
             **clip,
         )
         return chunk, reactions
+
+    def _recorded(self, every_step: History, final: bool) -> History:
+        """The flight recorder's share of a flush: cut incidents, then keep the rows of ``step % every == 0``."""
+        assert self._recorder is not None
+        incidents = self._recorder.process(every_step, final=final)
+        kept = every_step if self.every == 1 else every_step.take(every_step.steps % self.every == 0)
+        kept.events = list(every_step.events)
+        kept.incidents = incidents
+        if self._recorder.dropped:
+            self._history.meta["incidents_dropped"] = self._recorder.dropped
+        return kept
+
+    def _write_incident_files(self) -> None:
+        """Beside each file sink's ``path``: ``<path>.incidents.npz``, every incident so far (rewritten atomically)."""
+        for sink in self.sinks:
+            path = getattr(sink, "path", None)
+            if isinstance(path, (str, os.PathLike)):
+                write_incident_file(f"{os.fspath(path)}.incidents.npz", self._history, getattr(sink, "mode", "w"))
 
     def _act(self, d: Detector, e: Event) -> None:
         if d.action == "warn":
@@ -578,7 +717,7 @@ class GradWatch:
         for d, st in zip(self.detectors, state["detectors"]):
             d.load_state_dict(st)
         self._step = check_int(state["step"], "state['step']", min=0)
-        self._meter.hot = self._step % self.every == 0 or self.clipper is not None
+        self._meter.hot = self._hot(self._step)
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -595,7 +734,7 @@ class GradWatch:
         self._closed = True
         _OPEN.discard(self)
         errors: list[BaseException] = []
-        _collect(errors, self.flush)
+        _collect(errors, self._flush, True)
         self._meter.remove()
         self._gate.detach_all()
         _collect(errors, self._warner.summary)

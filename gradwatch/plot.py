@@ -50,13 +50,19 @@ def _axes(ax):
 
 
 def _finish(
-    ax: Any, log: bool, ylabel: str = "gradient L2 norm", xlabel: str | None = "step", extra: Sequence[Any] = ()
+    ax: Any,
+    log: bool,
+    ylabel: str = "gradient L2 norm",
+    xlabel: str | None = "step",
+    extra: Sequence[Any] = (),
+    outside: bool = False,
 ) -> Any:
     """The common dressing of a line plot: scale, labels, legend, grid.
 
     ``extra`` are legend-only handles (line styles, marker kinds) that are not
     drawn on the axes. A legend with more than ``_LEGEND_INSIDE_MAX`` entries
-    goes outside the axes (to the right) so that it never covers the data.
+    (or any legend, with ``outside=True``) goes outside the axes, to the right,
+    so that it never covers the data.
     """
     if log:
         ax.set_yscale("log")
@@ -65,7 +71,7 @@ def _finish(
     ax.set_ylabel(ylabel)
     handles, labels = ax.get_legend_handles_labels()
     handles, labels = [*handles, *extra], [*labels, *(h.get_label() for h in extra)]
-    if len(handles) > _LEGEND_INSIDE_MAX:
+    if handles and (outside or len(handles) > _LEGEND_INSIDE_MAX):
         ax.legend(handles, labels, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     elif handles:
         ax.legend(handles, labels, fontsize="small")
@@ -262,7 +268,8 @@ def plot_clipping(h: History, ax: Any = None, *, log: bool = True, threshold: st
     *per-tensor* bound for ``ClipByNorm`` -- after which the global norm may
     well lie above it -- and NaN where there is no single bound (``ClipByValue``,
     ``AGC``). A per-tensor bound is drawn against the largest post-clip tensor
-    norm instead, never as if it bounded the global norm.
+    norm instead, never as if it bounded the global norm. The legend stands
+    beside the axes.
 
     Args:
         h: the history.
@@ -311,7 +318,7 @@ def plot_clipping(h: History, ax: Any = None, *, log: bool = True, threshold: st
         ax.scatter(
             x[bound], h.total[bound], s=10, color="red", zorder=3, label=f"clipped ({bound.mean():.0%} of steps)"
         )
-    return _finish(ax, log)
+    return _finish(ax, log, outside=True)  # the pre-clip line spans the whole width: keep the legend beside it
 
 
 def plot_compare(

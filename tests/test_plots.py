@@ -108,6 +108,7 @@ def test_plot_clipping_draws_a_per_tensor_bound_against_the_largest_tensor():
     largest = next(line for line in ax.lines if line.get_label() == "largest tensor (post-clip)")
     np.testing.assert_allclose(largest.get_ydata(), h.norms_clipped.max(axis=1))
     assert (np.asarray(largest.get_ydata()) <= 5.0 * (1 + 1e-5)).all()
+    assert ax.get_legend().get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1  # beside the data
 
 
 def test_plot_clipping_draws_a_global_threshold_for_global_clipping():

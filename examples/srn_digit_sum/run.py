@@ -144,7 +144,7 @@ def book_runs(args, data_dir: Path, out: Path) -> dict:
     ax.set_title(f"LSTM, L={args.length}, no clipping: gradient norm of each gate's weights")
     _savefig(fig, out / "lstm_gates.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
     gw.plot_clipping(runs["B"].history, ax=ax)
     ax.set_title("Run B: what ClipByNorm(5.0) did")
     _savefig(fig, out / "clipping.png")

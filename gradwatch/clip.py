@@ -210,6 +210,9 @@ class ClipContext:
             coef: the factor applied to every gradient.
             threshold: the bound enforced.
             norm: the pre-clip norm returned by a standalone call.
+
+        Returns:
+            The result, with the post-clip norms ``norms * coef`` inside GradWatch.
         """
         if not self.measured:
             return ClipResult(None, None, coef, threshold, norm)
@@ -225,7 +228,9 @@ class ClipContext:
             norms_after: computes the ``[P]`` post-clip norms; called only inside
                 GradWatch (:attr:`measured`), so a standalone call skips the work.
 
-        The coefficient is ``total_after / total`` (1 where the pre-clip total is 0 or NaN).
+        Returns:
+            The result; its coefficient is ``total_after / total`` (1 where the
+            pre-clip total is 0 or NaN).
         """
         if not self.measured:
             return ClipResult(None, None, None, None, norm)
@@ -247,7 +252,9 @@ class ClipResult:
             NaN where no single global bound applies).
 
         ``norms`` and ``total`` are None when the clipper is called alone
-        (``ClipContext.measured`` is False): only ``norm`` is needed then.
+        (``ClipContext.measured`` is False), and so are ``coef`` and
+        ``threshold`` for clippers other than :class:`GlobalClipper` ones: only
+        ``norm`` is needed then.
         norm: 0-d pre-clip norm the clipper returns when called alone (the
             ``norm_type`` norm for :class:`ClipByGlobalNorm`, else the L2 norm).
     """

@@ -430,17 +430,18 @@ def agc_loop(params, grads, clipping, eps, excluded=()):
     ]
 
 
+@pytest.mark.parametrize("clipping", [0.05, 1e-4])  # 1e-4 * eps < 1e-6: the branch that compares first
 @pytest.mark.parametrize("batch_numel", [1 << 16, 1])  # batched (concatenated) and in-place reductions
-def test_agc_batched_equals_per_unit_loop_on_mixed_shapes(batch_numel):
+def test_agc_batched_equals_per_unit_loop_on_mixed_shapes(batch_numel, clipping):
     shapes = [(6, 3, 3, 3), (4, 3, 3, 3), (5, 4), (7, 4), (3, 4), (4, 7), (5,), (7,), (), (0, 3), (3, 0), (0,)]
     ps = params_with_grads(shapes, scale=0.3, seed=3)
     ps[2].data[1] = 0.0  # a dead unit: weight norm floored at eps
     ps[3].grad[2] *= 1e-9  # a unit far below its bound
     before = grads_of(ps)
-    clip = gw.AGC(clipping=0.05, eps=1e-3, exclude=["p4"])
+    clip = gw.AGC(clipping=clipping, eps=1e-3, exclude=["p4"])
     clip.batch_numel = batch_numel
     clip([(f"p{i}", p) for i, p in enumerate(ps)])
-    for i, (p, ref) in enumerate(zip(ps, agc_loop(ps, before, 0.05, 1e-3, excluded={4}))):
+    for i, (p, ref) in enumerate(zip(ps, agc_loop(ps, before, clipping, 1e-3, excluded={4}))):
         torch.testing.assert_close(p.grad, ref, rtol=2e-6, atol=1e-9, msg=f"parameter {i} {tuple(p.shape)}")
     assert torch.equal(ps[4].grad, before[4])  # excluded
 
@@ -693,14 +694,25 @@ def test_watch_state_with_a_mismatched_clipper_fails_when_loaded():
 # --------------------------------------------------------------------------- sparse and complex gradients
 
 
+class EmbedLinear(torch.nn.Module):
+    """An embedding (sparse or dense gradients) followed by a dense linear layer."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 4, sparse=sparse)
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, idx):
+        return (self.lin(self.emb(idx)) * 5).square().sum()
+
+
 def sparse_pair(seed=0):
     torch.manual_seed(seed)
-    a = torch.nn.Embedding(20, 4, sparse=True)
-    b = torch.nn.Embedding(20, 4)
+    a, b = EmbedLinear(True), EmbedLinear(False)
     b.load_state_dict(a.state_dict())
     idx = torch.tensor([1, 3, 3, 7, 19])
     for m in (a, b):
-        (m(idx) * 5).square().sum().backward()
+        m(idx).backward()
     return a, b
 
 
@@ -711,18 +723,19 @@ def sparse_pair(seed=0):
 )
 def test_sparse_gradients_are_clipped_like_their_dense_twins(make):
     a, b = sparse_pair()
-    assert a.weight.grad.is_sparse
+    assert a.emb.weight.grad.is_sparse
     ca, cb = make(), make()
     for _ in range(3):
         na, nb = ca(a), cb(b)
     torch.testing.assert_close(na, nb, rtol=1e-6, atol=0)
-    torch.testing.assert_close(a.weight.grad.to_dense(), b.weight.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.emb.weight.grad.to_dense(), b.emb.weight.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.lin.weight.grad, b.lin.weight.grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("clipper", [gw.ClipByValue(1.0), gw.AGC()], ids=repr)
 def test_sparse_gradients_raise_naming_the_parameter(clipper):
     a, _ = sparse_pair()
-    with pytest.raises(NotImplementedError, match=r"sparse gradients; parameter 'weight'"):
+    with pytest.raises(NotImplementedError, match=r"sparse gradients; parameter 'emb.weight'"):
         clipper(a)
 
 

@@ -124,6 +124,17 @@ def test_callback_clipper_equals_lightning_gradient_clip_val():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_every_thins_the_rows_but_clips_every_step():
+    ours = Net()
+    theirs = copy.deepcopy(ours)
+    cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(0.5), every=2)
+    fit(ours, cb, data(32), max_steps=5)
+    fit(theirs, None, data(32), max_steps=5, gradient_clip_val=0.5)
+    np.testing.assert_array_equal(cb.history.steps, [0, 2, 4])
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_warns_once_when_lightning_clips_too():
     cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(1.0))
     with pytest.warns(UserWarning, match="gradient_clip_val") as rec:

@@ -232,6 +232,8 @@ class GradWatch:
         self.scaler = scaler
         self.measure = _effective_mode(model, measure, scaler)
         self._unwatched = _frozen_params(model)
+        self._module = weakref.ref(model) if isinstance(model, nn.Module) else None
+        self._first_name = _raw_name_of(model, self.params[0])
 
         self.device = self.params[0].device
         self.dtype = stat_dtype([p.dtype for p in self.params])
@@ -259,11 +261,23 @@ class GradWatch:
         self._update_row: tuple[Tensor, int, int] | None = None  # (column, flush generation, step)
         if recorder is not None:
             recorder.bind()
-        for s in self.sinks:
-            s.open(self.names, self._history.meta)
+        self._open_sinks()
         _OPEN.add(self)
 
     # -- set-up -------------------------------------------------------------------
+    def _open_sinks(self) -> None:
+        """Open every sink; if one refuses (e.g. an existing file), close those already open and re-raise."""
+        opened = []
+        try:
+            for s in self.sinks:
+                s.open(self.names, self._history.meta)
+                opened.append(s)
+        except BaseException:
+            for s in opened:
+                _collect([], s.close)
+            self._meter.remove()
+            raise
+
     def _declare_layout(self) -> RecordLayout:
         """Every contributor's columns, declared once: meter, clipper, scaler, detectors."""
         P = len(self.params)
@@ -353,6 +367,7 @@ class GradWatch:
         self._check_open("step")
         return self._run_step()
 
+    @torch.no_grad()  # create_graph=True gradients: measure and clip outside the graph, as clip_grad_norm_ does
     def _run_step(self) -> Tensor | None:
         """The five phases; returns the skip flag (or None)."""
         step = self._step
@@ -398,6 +413,7 @@ class GradWatch:
 
     def _measure(self, row: _Row, grads: list[Tensor | None], missing: list[int]) -> None:
         """Phase 1: this step's norms and their total, into the row."""
+        self._check_same_parameters()
         unscaled = self.scaler is not None and self.scaler.is_enabled()
         if unscaled:
             self._gate.unscale(self.scaler)
@@ -406,6 +422,22 @@ class GradWatch:
         torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
         if self._weights is not None:
             self._weights.norms(row.cols["param_norms"])
+
+    def _check_same_parameters(self) -> None:
+        """A model moved after the watch was built has other (or relocated) parameters: say so, once per step."""
+        first = self.params[0]
+        module = self._module() if self._module is not None else None
+        current = first
+        if module is not None and self._first_name is not None:
+            try:
+                current = module.get_parameter(self._first_name)
+            except AttributeError:  # the module was restructured: not ours to judge
+                current = first
+        if current is not first or first.device != self.device:
+            raise RuntimeError(
+                f"the model's parameters changed after the GradWatch was built (now on {current.device}, "
+                f"watched on {self.device}): build the GradWatch after moving or converting the model"
+            )
 
     def _clip(self, row: _Row, step: int) -> ClipResult | None:
         """Phase 2: the clipper, reusing the measured norms."""
@@ -491,7 +523,8 @@ class GradWatch:
             acc = torch.float32 if tensor.dtype.itemsize < 4 else None
 
             def hook(g: Tensor) -> None:
-                self._taps[name] = torch.linalg.vector_norm(g, dtype=acc).to(device=self.device, dtype=self.dtype)
+                norm = torch.linalg.vector_norm(g.detach(), dtype=acc)
+                self._taps[name] = norm.to(device=self.device, dtype=self.dtype)
 
             self._taps.setdefault(name, None)  # columns in the order of tap() calls
             tensor.register_hook(hook)
@@ -792,6 +825,13 @@ def _effective_mode(model: Any, measure: str, scaler: Any) -> str:
             stacklevel=3,
         )
     return measure
+
+
+def _raw_name_of(model: Any, param: Tensor) -> str | None:
+    """``param``'s name in ``model`` as ``get_parameter`` takes it (None if ``model`` is no module)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((n for n, p in model.named_parameters() if p is param), None)
 
 
 def _frozen_params(model: Any) -> list[tuple[str, Tensor]]:

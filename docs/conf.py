@@ -36,6 +36,8 @@ html_css_files = ["srn/wide.css"]  # wide tables and long code lines scroll insi
 # The pages' own snippets import what they use (tools/run_snippets.py runs each
 # one alone, with nothing injected).
 doctest_global_setup = """
+import os, tempfile
+os.chdir(tempfile.mkdtemp(prefix="gradwatch_doctest_"))  # files the examples write land there, not in the repo
 import math
 import matplotlib
 matplotlib.use("Agg")

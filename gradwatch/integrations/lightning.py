@@ -110,8 +110,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         >>> import gradwatch as gw
         >>> from gradwatch.integrations.lightning import GradWatchCallback
         >>> cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(1.0), detectors=[gw.NonFinite()])
-        >>> cb
-        GradWatchCallback(clipper=ClipByGlobalNorm(max_norm=1.0, norm_type=2.0), every=1, log=True)
+        >>> cb.watch is None  # the watch is built when fit() starts
+        True
 
         Then ``pl.Trainer(callbacks=[cb]).fit(model, data)`` and read ``cb.history``.
     """

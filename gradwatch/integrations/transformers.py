@@ -130,8 +130,8 @@ class GradWatchCallback(TrainerCallback):
         >>> import gradwatch as gw
         >>> from gradwatch.integrations.transformers import GradWatchCallback
         >>> cb = GradWatchCallback(clipper=gw.AutoClip(), log_groups=3)
-        >>> cb
-        GradWatchCallback(clipper=AutoClip(percentile=10.0, window=None), every=1, log=True)
+        >>> cb.watch is None  # the watch is built when train() starts
+        True
 
         Then ``Trainer(..., args=TrainingArguments(..., max_grad_norm=0), callbacks=[cb]).train()``
         and read ``cb.history``.

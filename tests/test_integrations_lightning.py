@@ -135,6 +135,33 @@ def test_every_thins_the_rows_but_clips_every_step():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+class CountingCallback(GradWatchCallback):
+    """Counts host syncs and device-to-host copies inside the callback's per-step hooks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts: dict[str, list[tuple[int, int]]] = {"step": [], "batch_end": []}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with gw.count_host_syncs() as c:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.counts["step"].append((c.syncs, c.host_copies))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with gw.count_host_syncs() as c:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.counts["batch_end"].append((c.syncs, c.host_copies))
+
+
+def test_no_host_sync_per_step_one_copy_per_logging_step(tmp_path):
+    cb = CountingCallback(clipper=gw.AutoClip(), detectors=[gw.NonFinite(), gw.Spike(), gw.Vanishing(min_norm=1e-9)])
+    fit(Net(), cb, data(32), max_steps=8, log_every_n_steps=4, logger=CSVLogger(tmp_path, name="n"))
+    assert cb.counts["step"] == [(0, 0)] * 8
+    # logging steps 4 and 8 (global_step % 4 == 0): one flush, one copy; the other steps: nothing
+    assert [c for c, _ in cb.counts["batch_end"]] == [0] * 8
+    assert [h for _, h in cb.counts["batch_end"]] == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
 def test_warns_once_when_lightning_clips_too():
     cb = GradWatchCallback(clipper=gw.ClipByGlobalNorm(1.0))
     with pytest.warns(UserWarning, match="gradient_clip_val") as rec:

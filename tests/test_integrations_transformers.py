@@ -181,6 +181,8 @@ def test_argument_errors_name_the_argument():
         GradWatchCallback(clipper="global")
     with pytest.raises(ValueError, match="every"):
         GradWatchCallback(every=0)
+    with pytest.raises(TypeError, match="sinks"):
+        GradWatchCallback(sinks=["run.csv"])
     with pytest.raises(RuntimeError, match="no train"):
         GradWatchCallback().history
 

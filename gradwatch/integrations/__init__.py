@@ -53,7 +53,11 @@ def check_callback_args(
             check_choice(log_groups, "log_groups", (_PARAMS,))
         check_int(log_groups, "log_groups", min=1)
     check_instance(log_prefix, "log_prefix", str, "a string")
-    return detectors, list(sinks)
+    sinks = list(sinks)
+    for sink in sinks:
+        if not all(callable(getattr(sink, m, None)) for m in ("open", "write", "close")):
+            raise TypeError(f"sinks must be gradwatch sinks (open/write/close methods), got {type(sink).__name__}")
+    return detectors, sinks
 
 
 class LatestRow:

@@ -176,6 +176,53 @@ def test_without_a_trainer_it_records_in_on_pre_optimizer_step_and_logs_in_on_lo
     assert logs == {"loss": 1.0, "grad_norm/total": pytest.approx(ref[-1], rel=1e-5)}
 
 
+class Fp16Accelerator:
+    """accelerate's fp16 contract on CPU (where accelerate has no GradScaler): ``clip_grad_norm_``
+    unscales through the GradScaler -- which raises if asked twice in one step -- then clips."""
+
+    def __init__(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler, self.optimizer = scaler, optimizer
+
+    def unscale_gradients(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        self.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_fp16_clip_wrapper_unscales_once_and_records_unscaled_pre_clip_norms(tmp_path, max_grad_norm):
+    model, twin = tiny_gpt2(), tiny_gpt2()
+    opt, twin_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=max_grad_norm, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    cb = GradWatchCallback()
+    with pytest.warns(UserWarning, match="could not find the Trainer"):
+        cb.on_train_begin(args, state, control, model=model)
+    clip = cb._wrap_clip(Fp16Accelerator(scaler, opt))  # what on_train_begin installs on trainer.accelerator
+    theirs, ref = [], []
+    for batch in torch.utils.data.DataLoader(Tokens(12), batch_size=4):
+        scaler.scale(model(**batch).loss).backward()
+        theirs.append(float(clip(model.parameters(), max_grad_norm or float("inf"))))  # the Trainer's call
+        cb.on_pre_optimizer_step(args, state, control)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        twin(**batch).loss.backward()  # the same model without scaling: a power-of-2 scale is exact
+        ref.append(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), max_grad_norm or float("inf"))))
+        twin_opt.step()
+        twin_opt.zero_grad()
+    cb.on_train_end(args, state, control)
+    h = cb.history
+    assert len(h) == 3 and scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    np.testing.assert_allclose(h.total, theirs, rtol=1e-6)  # the pre-clip norm the Trainer logs
+    np.testing.assert_allclose(h.total, ref, rtol=1e-6)  # unscaled
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_argument_errors_name_the_argument():
     with pytest.raises(TypeError, match="clipper"):
         GradWatchCallback(clipper="global")

@@ -10,7 +10,8 @@ every detector event and every :meth:`GradWatch.mark` as an :class:`Incident`.
 
 For each incident an onset ranking answers "where did it start?": per
 parameter, the first step of the window at which its gradient norm left its
-own recent level (:func:`find_onsets`), earliest first.
+own recent level (:func:`find_onsets`: upwards, or downwards for a
+``"vanishing"`` trigger), earliest first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradwatch._validate import check_float, check_int, check_names
+from gradwatch._validate import check_choice, check_float, check_int, check_names
 from gradwatch.detect import Event
 from gradwatch.history import History
 from gradwatch.norms import group_by_device_dtype, write_norms
@@ -125,28 +126,30 @@ class Incident:
         )
 
 
-def find_onsets(history: History, factor: float = 3.0, alpha: float = 0.9) -> list[Onset]:
+def find_onsets(history: History, factor: float = 3.0, alpha: float = 0.9, direction: str = "up") -> list[Onset]:
     r"""Per parameter, the first step at which its gradient norm left its own recent level.
 
     Each parameter's pre-clip norm :math:`x_t` is compared with the EMA of its
     earlier rows, :math:`m_{t-1}` (:math:`m` starts at the first positive
     finite norm; :math:`m_t = \alpha m_{t-1} + (1-\alpha) x_t`). Its onset is the
-    first row where :math:`x_t > k\,m_{t-1}` or :math:`x_t < m_{t-1}/k` (up or
-    down by the factor :math:`k`), or :math:`x_t` is NaN/Inf. Rows whose
-    gradient was missing neither count nor update the EMA. Onsets are sorted
-    by step, ties by how far the norm moved (``|log ratio|``, largest first).
+    first row where :math:`x_t > k\,m_{t-1}` (``direction="up"``, explosions),
+    :math:`x_t < m_{t-1}/k` (``"down"``, vanishing) or either (``"both"``), or
+    :math:`x_t` is NaN/Inf. Rows whose gradient was missing neither count nor
+    update the EMA. Onsets are sorted by step, ties by how far the norm moved
+    (``|log ratio|``, largest first).
 
     Args:
         history: the rows to scan (an incident's window).
         factor: the departure factor :math:`k` > 1.
         alpha: the EMA factor in [0, 1).
+        direction: ``"up"``, ``"down"`` or ``"both"``.
 
     Returns:
         The :class:`Onset` list, earliest first; parameters that never left
         their level are not in it.
 
     Raises:
-        ValueError: ``factor`` <= 1 or ``alpha`` outside [0, 1).
+        ValueError: ``factor`` <= 1, ``alpha`` outside [0, 1) or an unknown ``direction``.
 
     Example:
         >>> h = History(["a", "b"])
@@ -156,6 +159,9 @@ def find_onsets(history: History, factor: float = 3.0, alpha: float = 0.9) -> li
     """
     factor = check_float(factor, "factor", min=1, min_open=True)
     alpha = check_float(alpha, "alpha", min=0, max=1, max_open=True)
+    check_choice(direction, "direction", ("up", "down", "both"))
+    hi = factor if direction != "down" else np.inf
+    lo = 1.0 / factor if direction != "up" else -np.inf
     x = np.asarray(history.norms, dtype=np.float64)
     valid = ~np.asarray(history.grad_missing)
     steps = history.steps
@@ -168,7 +174,7 @@ def find_onsets(history: History, factor: float = 3.0, alpha: float = 0.9) -> li
             xt, v = x[t], valid[t]
             r = xt / m
             finite = np.isfinite(xt)
-            dep = v & (at < 0) & ((~finite) | (~np.isnan(m) & ((r > factor) | (r < 1.0 / factor))))
+            dep = v & (at < 0) & ((~finite) | (~np.isnan(m) & ((r > hi) | (r < lo))))
             at[dep] = t
             ratio[dep] = np.where(finite[dep], r[dep], xt[dep])
             learn = v & finite
@@ -232,7 +238,8 @@ class FlightRecorder:
             (default: 4 times that).
         kinds: event kinds that open an incident (None: every kind except
             ``"amp_overflow"``); marks always do.
-        onset_factor: the departure factor of :func:`find_onsets`, > 1.
+        onset_factor: the departure factor of :func:`find_onsets`, > 1 (the
+            direction is ``"down"`` for ``"vanishing"`` triggers, else ``"up"``).
         onset_alpha: the EMA factor of :func:`find_onsets`, in [0, 1).
 
     Raises:
@@ -363,7 +370,8 @@ class FlightRecorder:
         assert buf is not None
         window = buf.take((buf.steps >= inc.start) & (buf.steps <= inc.end))
         window.meta = {**window.meta, "every": 1, "incident_step": inc.step}
-        onset = find_onsets(window, self.onset_factor, self.onset_alpha)
+        direction = "down" if inc.kind == "vanishing" else "up"
+        onset = find_onsets(window, self.onset_factor, self.onset_alpha, direction)
         done.append(
             Incident(inc.step, inc.kind, inc.name, inc.value, inc.threshold, window, onset, inc.reason, inc.merged)
         )

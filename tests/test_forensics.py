@@ -158,9 +158,13 @@ def test_find_onsets_follows_its_definition():
     missing[3, 0] = True
     norms[3, 0] = 0.0  # a missing gradient is no departure
     h.append(range(8), norms, grad_missing=missing)
-    got = gw.find_onsets(h, factor=3.0, alpha=0.9)
+    got = gw.find_onsets(h, factor=3.0, alpha=0.9, direction="both")
     assert [(o.name, o.step) for o in got] == [("b", 3), ("c", 4), ("a", 5), ("d", 6)]
     assert got[0].ratio == pytest.approx(3.5) and got[1].ratio == pytest.approx(0.2) and math.isnan(got[3].ratio)
+    up, down = gw.find_onsets(h), gw.find_onsets(h, direction="down")
+    assert [o.name for o in up] == ["b", "a", "d"] and [o.name for o in down] == ["c", "d"]
+    with pytest.raises(ValueError, match="direction"):
+        gw.find_onsets(h, direction="sideways")
     # the reference level is an EMA: 3.5 after 1, 2 departs (x3.18) from a slow EMA, not from a fast one (x2.33)
     rise = gw.History(["w"])
     rise.append(range(4), [[1.0], [2.0], [3.5], [2.0]])

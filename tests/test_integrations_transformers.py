@@ -191,36 +191,63 @@ class Fp16Accelerator:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type)
 
 
-@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
-def test_fp16_clip_wrapper_unscales_once_and_records_unscaled_pre_clip_norms(tmp_path, max_grad_norm):
-    model, twin = tiny_gpt2(), tiny_gpt2()
-    opt, twin_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+class LoopByHand(Trainer):
+    """A Trainer whose loop the test runs step by step; the events come from its own method, as in train()."""
+
+    def begin(self, cb: GradWatchCallback) -> None:
+        cb.on_train_begin(self.args, self.state, self.control, model=self.model)
+
+
+def fp16_run(tmp_path, max_grad_norm: float, init_scale: float, steps: int = 3):
+    model = tiny_gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=max_grad_norm, report_to="none")
-    state, control = TrainerState(), TrainerControl()
-    cb = GradWatchCallback()
-    with pytest.warns(UserWarning, match="could not find the Trainer"):
-        cb.on_train_begin(args, state, control, model=model)
-    clip = cb._wrap_clip(Fp16Accelerator(scaler, opt))  # what on_train_begin installs on trainer.accelerator
-    theirs, ref = [], []
-    for batch in torch.utils.data.DataLoader(Tokens(12), batch_size=4):
+    trainer = LoopByHand(model=model, args=args)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer.accelerator = Fp16Accelerator(scaler, opt)
+    cb = GradWatchCallback(detectors=[gw.NonFinite()])
+    trainer.begin(cb)  # wraps trainer.accelerator.clip_grad_norm_ and hands the scaler to the watch
+    theirs, weights = [], [[p.detach().clone() for p in model.parameters()]]
+    for batch in list(torch.utils.data.DataLoader(Tokens(12), batch_size=4))[:steps]:
         scaler.scale(model(**batch).loss).backward()
-        theirs.append(float(clip(model.parameters(), max_grad_norm or float("inf"))))  # the Trainer's call
-        cb.on_pre_optimizer_step(args, state, control)
+        bound = max_grad_norm if max_grad_norm > 0 else float("inf")  # what Trainer._inner_training_loop passes
+        theirs.append(float(trainer.accelerator.clip_grad_norm_(model.parameters(), bound)))
+        cb.on_pre_optimizer_step(args, trainer.state, trainer.control)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        twin(**batch).loss.backward()  # the same model without scaling: a power-of-2 scale is exact
+        weights.append([p.detach().clone() for p in model.parameters()])
+    cb.on_train_end(args, trainer.state, trainer.control)
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)  # put back
+    return cb.history, np.array(theirs), weights
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_fp16_clip_wrapper_unscales_once_and_records_unscaled_pre_clip_norms(tmp_path, max_grad_norm):
+    h, theirs, weights = fp16_run(tmp_path, max_grad_norm, init_scale=2.0**10)
+    twin = tiny_gpt2()  # the same model without scaling: a power-of-2 scale is exact
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    ref = []
+    for batch in list(torch.utils.data.DataLoader(Tokens(12), batch_size=4))[:3]:
+        twin(**batch).loss.backward()
         ref.append(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), max_grad_norm or float("inf"))))
         twin_opt.step()
         twin_opt.zero_grad()
-    cb.on_train_end(args, state, control)
-    h = cb.history
-    assert len(h) == 3 and scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    assert len(h) == 3 and not h.events
+    np.testing.assert_array_equal(h.scale, 2.0**10)  # the Trainer's GradScaler, recorded
     np.testing.assert_allclose(h.total, theirs, rtol=1e-6)  # the pre-clip norm the Trainer logs
     np.testing.assert_allclose(h.total, ref, rtol=1e-6)  # unscaled
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(weights[-1], twin.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_fp16_overflow_steps_are_labelled_amp_overflow(tmp_path):
+    h, _, weights = fp16_run(tmp_path, 1.0, init_scale=2.0**127, steps=2)  # the scaled loss overflows
+    np.testing.assert_array_equal(h.scale, [2.0**127, 2.0**126])
+    assert h.events and {e.kind for e in h.events} == {"amp_overflow"}
+    for w in weights[1:]:  # the scaler skipped both steps
+        for p, q in zip(w, weights[0]):
+            torch.testing.assert_close(p, q)
 
 
 def test_argument_errors_name_the_argument():

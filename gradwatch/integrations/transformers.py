@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "gradwatch.integrations.transformers needs Hugging Face transformers: pip install 'gradwatch[transformers]'"
     ) from exc
 
+from gradwatch._compat import unscaled_this_step
 from gradwatch.clip import Clipper
 from gradwatch.detect import Detector
 from gradwatch.history import History
@@ -104,6 +105,9 @@ class GradWatchCallback(TrainerCallback):
     ``{log_prefix}total``, ``{log_prefix}total_clipped`` (with a clipper) and one
     ``{log_prefix}{group}`` per group of parameters.
 
+    With fp16 AMP the watch gets the Trainer's ``GradScaler``: the scale is
+    recorded and overflow steps are labelled ``"amp_overflow"``.
+
     The clipper's and detectors' state is written to ``gradwatch.pt`` in every
     checkpoint folder and restored by ``trainer.train(resume_from_checkpoint=...)``,
     so AutoClip's history continues exactly.
@@ -165,6 +169,8 @@ class GradWatchCallback(TrainerCallback):
         self._logged_step: int | None = None
         self._open = False
         self._warned_fallback = False
+        self._scaler: Any | None = None
+        self._accelerator: Any | None = None
 
     # -- start --------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -176,6 +182,9 @@ class GradWatchCallback(TrainerCallback):
             model = trainer.model if trainer is not None else None
         if model is None:
             raise RuntimeError("GradWatchCallback.on_train_begin was called without the model")
+        scaler = getattr(trainer.accelerator, "scaler", None) if trainer is not None else None  # fp16 AMP
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._accelerator = trainer.accelerator if trainer is not None else None
         measure = self.measure or ("step" if args.fp16 or args.world_size > 1 else "auto")
         self._latest = LatestRow(self.log_groups, self.log_prefix, clipped=self.clipper is not None)
         self.watch = GradWatch(
@@ -186,6 +195,7 @@ class GradWatchCallback(TrainerCallback):
             every=self.every,
             flush_every=self.flush_every,
             measure=measure,
+            scaler=self._scaler,
         )
         self._open = True
         self._stepped = False
@@ -271,6 +281,8 @@ class GradWatchCallback(TrainerCallback):
                     UserWarning,
                     stacklevel=2,
                 )
+            if self._scaler is not None and not unscaled_this_step(self._scaler):
+                self._accelerator.unscale_gradients()  # the Trainer's own path did not unscale
             self._step()
         self._stepped = False
 

@@ -53,6 +53,7 @@ def free_port() -> int:
 
 def _entry(rank: int, fn: Callable, world: int, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["GRADWATCH_TEST_OUT"] = out_dir
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
@@ -84,13 +85,21 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world} ranks ran past {timeout} s")
         except mp.ProcessRaisedException as e:
-            raise RuntimeError(f"a rank failed:\n{e}") from None
+            raise RuntimeError(f"a rank failed:\n{e}{_early_errors(out_dir)}") from None
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}{_early_errors(out_dir)}") from None
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
                     p.join()
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _early_errors(out_dir: str) -> str:
+    """The tracebacks ranks wrote before a hang or a crash (a rank that raised leaves the others waiting)."""
+    notes = sorted(Path(out_dir).glob("rank*.error.txt"))
+    return "".join(f"\n\n-- {p.name} (written when it raised):\n{p.read_text()}" for p in notes)
 
 
 class ScenarioError:
@@ -109,7 +118,10 @@ def _scenarios(rank: int, world: int, scenarios: Sequence[Callable[[int, int], A
         try:
             out[fn.__name__] = fn(rank, world)
         except Exception:
-            out[fn.__name__] = ScenarioError(fn.__name__, traceback.format_exc())
+            tb = traceback.format_exc()
+            out[fn.__name__] = ScenarioError(fn.__name__, tb)
+            # if the other ranks now wait in a collective this rank skipped, the run times out: leave the reason
+            Path(os.environ["GRADWATCH_TEST_OUT"], f"rank{rank}.error.txt").write_text(f"{fn.__name__}:\n{tb}")
         dist.barrier()
     return out
 

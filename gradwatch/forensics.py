@@ -313,7 +313,15 @@ class FlightRecorder:
         self._bound = True
 
     def mark(self, step: int, reason: str | None, value: float) -> None:
-        """Queue a trigger at ``step`` (host only); it is handled at the flush that holds the step's row."""
+        """Queue a trigger at ``step`` (host only); it is handled at the flush that holds the step's row.
+
+        Use :meth:`GradWatch.mark`, which validates the arguments.
+
+        Args:
+            step: the marked step.
+            reason: the label kept as ``Incident.reason``.
+            value: the number kept as ``Incident.value``.
+        """
         self._marks.append((step, reason, value))
 
     # -- the flush ------------------------------------------------------------------
@@ -323,6 +331,9 @@ class FlightRecorder:
         Args:
             rows: the flushed rows, in step order, with all their events.
             final: the watch is closing: complete the open incident with the rows it has.
+
+        Returns:
+            The incidents completed by these rows, in step order (none beyond ``max_incidents``).
         """
         if self._buf is None:
             self._buf = History(rows.names, rows.meta)

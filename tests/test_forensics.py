@@ -427,3 +427,41 @@ def test_the_srn_example_captures_the_explosion_between_two_logged_steps(tmp_pat
     assert peak > srn_forensics.THRESHOLD > 10 * h.norms[0, W]  # orders of magnitude missed by the log
     assert inc.onset and inc.onset[0].step < inc.step  # the departure precedes the threshold crossing
     assert "started in:" in out and (tmp_path / "forensics.png").stat().st_size > 10_000
+
+
+def test_a_resumed_file_sink_keeps_the_earlier_incidents(tmp_path):
+    def part(steps, mode, state=None):
+        torch.manual_seed(0)
+        model = mlp(depth=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sink = gw.CSVSink(tmp_path / "run.csv", mode=mode)
+        watch = gw.GradWatch(model, every=5, sinks=[sink], recorder=gw.FlightRecorder(before=2, after=1, kinds=[]))
+        if state is not None:
+            watch.load_state_dict(state)
+        watch.attach(opt)
+        for _ in steps:
+            opt.zero_grad()
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            if watch.state_dict()["step"] - 1 in (3, 13):
+                watch.mark("here")
+        state = watch.state_dict()
+        watch.close()
+        return state
+
+    state = part(range(10), "w")
+    part(range(10), "a", state)
+    companion = gw.History.load(tmp_path / "run.csv.incidents.npz")
+    assert [(i.step, i.start, i.end) for i in companion.incidents] == [(3, 1, 4), (13, 11, 14)]
+    assert gw.read_csv(tmp_path / "run.csv").steps.tolist() == [0, 5, 10, 15]
+
+
+def test_take_selects_rows_and_their_events():
+    h = gw.History(["w"])
+    h.append([0, 1, 2], [[1.0], [2.0], [3.0]], events=[gw.Event(1, "spike", "w", 2.0, 1.0)])
+    assert h.take([1]).events == h.events and h.take([0, 2]).events == []
+    assert h.take(np.array([True, False, True])).norms.tolist() == [[1.0], [3.0]]
+    with pytest.raises(IndexError, match="mask"):
+        h.take(np.array([True, False]))
+    with pytest.raises(IndexError):
+        h.take([5])

@@ -1,6 +1,6 @@
 """NNDL practice 6.2 -- gradient explosion in a simple RNN -- reproduced, then repaired two ways.
 
-    python examples/srn_digit_sum/run.py            # the book's runs + the sweep (~3.5 min on 2 cores)
+    python examples/srn_digit_sum/run.py            # the book's runs + the sweep (~3.3 min on 2 cores)
     python examples/srn_digit_sum/run.py --quick    # under 30 s: a smoke test of every artefact
 
 The repairs: every clipper of gradwatch on the SRN, and the architectural one,

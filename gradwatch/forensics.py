@@ -49,11 +49,9 @@ QUIET_KINDS = ("amp_overflow",)
 class Onset(NamedTuple):
     """When one parameter's gradient norm left its recent level.
 
-    Attributes:
-        name: the parameter.
-        step: the optimizer step of the departure.
-        ratio: the norm at that step divided by its EMA over the rows before
-            (``> factor`` up, ``< 1/factor`` down; NaN or Inf for a non-finite norm).
+    A named tuple ``(name, step, ratio)``: the parameter, the optimizer step of
+    the departure, and the norm at that step divided by its EMA over the rows
+    before (``> factor`` up, ``< 1/factor`` down; NaN or Inf for a non-finite norm).
 
     Example:
         >>> print(Onset("rnn.W", 3, 12.5))

@@ -41,8 +41,8 @@ except ImportError:
     pass
 if not _BASES:
     raise ImportError(
-        "gradwatch.integrations.lightning needs PyTorch Lightning: pip install 'gradwatch[lightning]' "
-        "(or install the 'lightning' package)"
+        "gradwatch.integrations.lightning needs PyTorch Lightning: pip install pytorch-lightning "
+        "(or lightning; from a clone of gradwatch: pip install -e '.[lightning]')"
     )
 
 __all__ = ["GradWatchCallback"]

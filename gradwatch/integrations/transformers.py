@@ -35,7 +35,8 @@ try:
     from transformers import Trainer, TrainerCallback
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "gradwatch.integrations.transformers needs Hugging Face transformers: pip install 'gradwatch[transformers]'"
+        "gradwatch.integrations.transformers needs Hugging Face transformers and accelerate: "
+        "pip install transformers accelerate (from a clone of gradwatch: pip install -e '.[transformers]')"
     ) from exc
 
 from gradwatch._compat import unscaled_this_step

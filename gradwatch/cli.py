@@ -178,7 +178,42 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print("events: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else "none"))
     if any(r["clipped"] is None for r in rows):
         print("clipped ?: unknown, this file does not hold post-clip norms per parameter (History.save does)")
+    _print_weights(h)
     return 0
+
+
+def _print_weights(h: History, depth: int = 1) -> None:
+    """Per group: the weight norm and the update-to-weight ratio, when the run recorded them.
+
+    ``GradWatch(param_norms=True)`` records ``‖W‖``, ``update_ratio=True`` also
+    ``‖ΔW‖``; a group's norms are the L2 norms of its members'.
+    """
+    if not h.known("param_norms") or not np.isfinite(h.param_norms).any():
+        return
+    g = h.grouped(depth)
+    weights, updates = g.param_norms, g.update_norms
+    has_updates = h.known("update_norms") and np.isfinite(updates).any()
+    width = max(len("group"), *(len(n) for n in g.names))
+    head = f"{'group':<{width}}  {'|W| median':>10}  {'|W| last':>10}"
+    if has_updates:
+        head += f"  {'|dW|/|W| median':>15}  {'last':>10}"
+    print(f"\nweights{' and updates' if has_updates else ''} per group (module depth {depth}):")
+    print(head)
+    print("-" * len(head))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = updates / weights
+    for j, name in enumerate(g.names):
+        w = weights[:, j]
+        line = f"{name:<{width}}  {_fmt(_nanmedian(w)):>10}  {_fmt(float(w[-1])):>10}"
+        if has_updates:
+            r = ratio[:, j]
+            line += f"  {_fmt(_nanmedian(r)):>15}  {_fmt(float(r[-1])):>10}"
+        print(line)
+
+
+def _nanmedian(x: np.ndarray) -> float:
+    fin = x[np.isfinite(x)]
+    return float(np.median(fin)) if fin.size else math.nan
 
 
 def _output(fig: Any, out: Path) -> tuple[Path, str]:

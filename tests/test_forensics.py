@@ -465,3 +465,25 @@ def test_take_selects_rows_and_their_events():
         h.take(np.array([True, False]))
     with pytest.raises(IndexError):
         h.take([5])
+
+
+def test_summary_shows_weights_and_update_ratios_per_group(tmp_path, capsys):
+    from gradwatch.cli import main
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.GradWatch(model, update_ratio=True)
+    watch.attach(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    h = watch.history
+    h.save(tmp_path / "run.npz")
+    assert main(["summary", str(tmp_path / "run.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "weights and updates per group" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("2 "))  # the group of "2.weight", "2.bias"
+    w = np.sqrt(h.param_norms[:, 2] ** 2 + h.param_norms[:, 3] ** 2)
+    d = np.sqrt(h.update_norms[:, 2] ** 2 + h.update_norms[:, 3] ** 2)
+    assert f"{float(np.median(d / w)):.4g}" in line

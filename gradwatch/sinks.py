@@ -47,7 +47,7 @@ FileMode = Literal["x", "w", "a"]
 _MODES = ("x", "w", "a")
 _CSV_FIXED = ["step", "total", "total_clipped", "clip_coef"]
 #: History columns that the CSV and JSONL files do not hold: unknown when read back, not "nothing happened".
-_NOT_IN_FILES = ("norms_clipped", "grad_missing", "clip_threshold", "scale", "taps")
+_NOT_IN_FILES = ("norms_clipped", "grad_missing", "clip_threshold", "scale", "taps", "param_norms", "update_norms")
 _BLOCK = 1 << 20  # bytes read at a time by the readers
 
 _OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()

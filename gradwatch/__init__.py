@@ -21,6 +21,7 @@ from gradwatch.clip import (
     ClipContext,
     Clipper,
     ClipResult,
+    GlobalClipper,
     ZClip,
 )
 from gradwatch.detect import (
@@ -60,6 +61,7 @@ __all__ = [
     "Detector",
     "Event",
     "FlightRecorder",
+    "GlobalClipper",
     "GradWatch",
     "GradientAnomalyError",
     "GradientWarning",

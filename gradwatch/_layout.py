@@ -76,7 +76,19 @@ class RecordLayout:
         missing = [k for k in names if k not in values]
         if missing:
             raise KeyError(f"no value for declared columns {missing}")
-        parts = [values[k].reshape(-1) for k in names]
+        parts: list[Tensor] = []
+        scalars: list[Tensor] = []  # consecutive 0-d values: one stack instead of a view each
+        for k in names:
+            v = values[k]
+            if v.ndim == 0:
+                scalars.append(v)
+                continue
+            if scalars:
+                parts.append(torch.stack(scalars))
+                scalars = []
+            parts.append(v if v.ndim == 1 else v.reshape(-1))
+        if scalars:
+            parts.append(torch.stack(scalars))
         if len(parts) == 1:
             row[start:].copy_(parts[0])
         else:

@@ -389,6 +389,27 @@ class Spike(Detector):
     def reset(self) -> None:
         self._state: dict[str, Tensor] | None = None
         self._missing_idx: dict[tuple[int, ...], Tensor] = {}
+        self._table: Tensor | None = None
+
+    def _weights(self, device: torch.device) -> Tensor:
+        """``[4, W + 1]`` per-count constants: the update weight w, 1 - w, the variance weight c, the bound offset.
+
+        With k finite observations seen, an observation x (capped at the
+        threshold) moves the statistics by ``delta = x - mean``:
+        ``mean += w * delta`` and ``var = (1 - w) * var + c * delta**2``. While
+        warming up (k < W) ``w = 1 / (k + 1)`` and ``c = w (1 - w)``: Welford's
+        recursion for the population mean and variance. After it ``w = 1 - alpha``
+        and ``c = (1 - alpha) alpha**2``: the EMA ``mean = a mean + (1 - a) x``,
+        ``var = a var + (1 - a)(x - mean_new)**2``. The offset is inf while warming up.
+        """
+        if self._table is None or self._table.device != device:
+            W, a = self.warmup_steps, self.alpha
+            k = torch.arange(W + 1, dtype=torch.float64)
+            w = torch.where(k < W, 1.0 / (k + 1), 1.0 - a)
+            c = torch.where(k < W, w * (1 - w), (1 - a) * a * a)
+            off = torch.where(k < W, math.inf, 0.0)
+            self._table = torch.stack([w, 1 - w, c, off]).to(device)
+        return self._table
 
     def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
         x = obs.total.reshape(1)
@@ -401,27 +422,16 @@ class Spike(Detector):
                 self._missing_idx[key] = torch.tensor([1 + i for i in key], device=x.device)
             x = x.index_fill(0, self._missing_idx[key], math.nan)
         if self._state is None:
-            z = torch.zeros_like(x)
-            self._state = {"n": z, "mean": z.clone(), "var": z.clone()}  # var holds M2 while warming up
+            zero = torch.zeros_like(x)
+            self._state = {"n": zero.long(), "mean": zero, "var": zero.clone()}
         s = self._state
-        finite = torch.isfinite(x)
-        warming = s["n"] < self.warmup_steps
-        thr = torch.where(warming, math.inf, s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps))
-        # warm-up: Welford's running mean and M2 over the finite observations
-        learn = finite & warming
-        n = s["n"] + learn
-        delta = torch.where(learn, x - s["mean"], 0.0)
-        mean_w = s["mean"] + delta / n.clamp(min=1)
-        m2 = s["var"] + delta * torch.where(learn, x - mean_w, 0.0)
-        var_w = torch.where(n >= self.warmup_steps, m2 / n.clamp(min=1), m2)
-        # after it: EMA of the value capped at the threshold
-        v = torch.minimum(x, thr)
-        mean_e = self.alpha * s["mean"] + (1 - self.alpha) * v
-        var_e = self.alpha * s["var"] + (1 - self.alpha) * (v - mean_e).square()
-        track = finite & ~warming
-        s["mean"] = torch.where(warming, mean_w, torch.where(track, mean_e, s["mean"]))
-        s["var"] = torch.where(warming, var_w, torch.where(track, var_e, s["var"]))
-        s["n"] = n
+        w, one_minus_w, c, off = self._weights(x.device)[:, s["n"].clamp(max=self.warmup_steps)].unbind()
+        thr = s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps) + off
+        finite = x.abs() < math.inf  # False for NaN and +-inf
+        delta = torch.minimum(x, thr) - s["mean"]
+        s["mean"] = torch.where(finite, torch.addcmul(s["mean"], w, delta), s["mean"])
+        s["var"] = torch.where(finite, torch.addcmul(one_minus_w * s["var"], c, delta.square()), s["var"])
+        s["n"] = s["n"] + finite
         fired = (x > thr).any() if self.needs_flag else None
         return {"threshold": thr}, fired
 
@@ -449,6 +459,7 @@ class Spike(Detector):
                     f"{self._width()} (per_param={self.per_param}, {len(self.names)} parameters)"
                 )
             self._state = {k: state[k].clone() for k in ("n", "mean", "var")}
+            self._state["n"] = self._state["n"].long()
 
 
 class Vanishing(Detector):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradwatch as gw
+from gradwatch.detect import Observation
 
 
 def five_layer_mlp():
@@ -282,3 +283,32 @@ def test_event_str_and_error():
     e = gw.Event(3, "vanishing", "rnn.U", 1e-9, 1e-6)
     assert "rnn.U" in str(e) and "step 3" in str(e)
     assert gw.GradientAnomalyError(e).event is e
+
+
+def test_spike_statistics_match_a_scalar_reference():
+    """Warm-up: population mean/variance of the first finite values; then an EMA of the value capped at the bound."""
+    rng = np.random.default_rng(0)
+    values = list(rng.lognormal(0.0, 0.3, 40))
+    values[3] = math.nan  # not an observation
+    values[30] = 50.0  # a spike: capped before it enters the EMA
+    spike = gw.Spike(alpha=0.9, z_thresh=3.0, warmup_steps=8, action="ignore")
+    spike.bind(["w"])
+    got = []
+    for v in values:
+        t = torch.tensor(v, dtype=torch.float64)
+        thr, _ = spike.observe(Observation(0, t.reshape(1), t, []))
+        got.append(float(thr["threshold"][0]))
+    finite = [v for v in values if math.isfinite(v)]
+    mean, var = float(np.mean(finite[:8])), float(np.var(finite[:8]))
+    want, seen = [], 0
+    for v in values:
+        thr = math.inf if seen < 8 else mean + 3.0 * (math.sqrt(var) + 1e-12)
+        want.append(thr)
+        if not math.isfinite(v):
+            continue
+        seen += 1
+        if seen > 8:
+            x = min(v, thr)
+            mean = 0.9 * mean + 0.1 * x
+            var = 0.9 * var + 0.1 * (x - mean) ** 2
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -66,3 +66,16 @@ def test_watch_with_a_clipper_is_independent_of_the_number_of_tensors_and_sync_f
         assert syncs == base_syncs
         added[model] = n - base_ops
     assert added["mlp-4"] == added["mlp-64"], added
+
+
+@pytest.mark.parametrize("name", ["NonFinite", "Threshold", "Spike", "Spike(per_param=True)", "Vanishing"])
+def test_detector_ops_are_bounded_and_independent_of_the_number_of_tensors(name):
+    """A detector adds at most 24 ops on top of recording, for 4 or 64 parameter tensors alike."""
+    added = {}
+    for model in ("mlp-4", "mlp-64"):
+        rec_ops, _, _ = ops.step_ops(model, "recording")
+        n, syncs, _ = ops.step_ops(model, f"+ {name}")
+        assert syncs == 0
+        added[model] = n - rec_ops
+    assert added["mlp-4"] == added["mlp-64"], added
+    assert added["mlp-4"] <= TARGET, added

@@ -37,6 +37,7 @@ class RecordLayout:
 
     def __init__(self) -> None:
         self._slices: dict[str, tuple[int, int, bool]] = {}
+        self._plans: dict[str, list[str]] = {}  # columns written by write(first=...), in row order
         self.width = 0
 
     def declare(self, name: str, width: int, *, scalar: bool = False) -> None:
@@ -50,6 +51,7 @@ class RecordLayout:
         if scalar and width != 1:
             raise ValueError(f"scalar column {name!r} must have width 1, got {width}")
         self._slices[name] = (self.width, self.width + int(width), scalar)
+        self._plans.clear()
         self.width += int(width)
 
     def __contains__(self, name: str) -> bool:
@@ -70,7 +72,9 @@ class RecordLayout:
         contributors that write by value are declared last, contiguously).
         """
         start = self._slices[first][0]
-        names = [k for k, (a, _, _) in self._slices.items() if a >= start]
+        names = self._plans.get(first)
+        if names is None:
+            names = self._plans[first] = [k for k, (a, _, _) in self._slices.items() if a >= start]
         if not names:
             return
         missing = [k for k in names if k not in values]

@@ -232,8 +232,7 @@ class GradWatch:
         self.scaler = scaler
         self.measure = _effective_mode(model, measure, scaler)
         self._unwatched = _frozen_params(model)
-        self._module = weakref.ref(model) if isinstance(model, nn.Module) else None
-        self._first_name = _raw_name_of(model, self.params[0])
+        self._owner, self._first_key = _owner_of(model, self.params[0])
 
         self.device = self.params[0].device
         self.dtype = stat_dtype([p.dtype for p in self.params])
@@ -424,15 +423,10 @@ class GradWatch:
             self._weights.norms(row.cols["param_norms"])
 
     def _check_same_parameters(self) -> None:
-        """A model moved after the watch was built has other (or relocated) parameters: say so, once per step."""
+        """A model moved after the watch was built has other (or relocated) parameters: say so, at the step."""
         first = self.params[0]
-        module = self._module() if self._module is not None else None
-        current = first
-        if module is not None and self._first_name is not None:
-            try:
-                current = module.get_parameter(self._first_name)
-            except AttributeError:  # the module was restructured: not ours to judge
-                current = first
+        owner = self._owner() if self._owner is not None else None
+        current = owner._parameters.get(self._first_key, first) if owner is not None else first
         if current is not first or first.device != self.device:
             raise RuntimeError(
                 f"the model's parameters changed after the GradWatch was built (now on {current.device}, "
@@ -827,11 +821,15 @@ def _effective_mode(model: Any, measure: str, scaler: Any) -> str:
     return measure
 
 
-def _raw_name_of(model: Any, param: Tensor) -> str | None:
-    """``param``'s name in ``model`` as ``get_parameter`` takes it (None if ``model`` is no module)."""
+def _owner_of(model: Any, param: Tensor) -> tuple[weakref.ref | None, str]:
+    """The submodule holding ``param`` (a weak reference) and its key there, to see it replaced later."""
     if not isinstance(model, nn.Module):
-        return None
-    return next((n for n, p in model.named_parameters() if p is param), None)
+        return None, ""
+    for name, p in model.named_parameters():
+        if p is param:
+            prefix, _, key = name.rpartition(".")
+            return weakref.ref(model.get_submodule(prefix)), key
+    return None, ""
 
 
 def _frozen_params(model: Any) -> list[tuple[str, Tensor]]:

@@ -23,6 +23,14 @@ from gradwatch._params import clean_name, named_trainable
 from gradwatch._validate import check_bool, check_choice, check_instance, check_int
 from gradwatch.clip import ClipContext, Clipper, ClipResult
 from gradwatch.detect import Detector, Event, GradientAnomalyError, Observation, Record, Warner, ready_first
+from gradwatch.distributed import (
+    DistributedMeter,
+    check_process_group,
+    get_rank,
+    is_dtensor,
+    needs_reduction,
+    unwrap_ddp,
+)
 from gradwatch.forensics import FlightRecorder, WeightMeter, write_incident_file
 from gradwatch.gate import OptimizerGate, warn_unwatched
 from gradwatch.history import History
@@ -134,6 +142,13 @@ class GradWatch:
     * ``"step"``: every gradient in the fused pass when the step runs: exactly
       the kernels of ``clip_grad_norm_``. Used automatically with a ``scaler``.
 
+    Distributed training: under DDP the synchronized gradients are measured at
+    the step (names without DDP's ``module.``); with DTensor parameters (FSDP2,
+    HSDP, tensor parallel) every rank records the norms of the *full*
+    gradients, computed from its shards with one all-reduce per device mesh
+    (:mod:`gradwatch.distributed`), so rows, clip coefficients and detector
+    decisions are the same on every rank. Build the watch on every rank.
+
     Half-precision norms are accumulated and recorded in float32; float64
     models are recorded in float64. A parameter whose ``.grad`` is None at a step
     is recorded with norm 0 and flagged in ``History.grad_missing`` (never NaN,
@@ -170,10 +185,19 @@ class GradWatch:
             the attached optimizers' post-step hooks: the update they actually
             applied. Costs one scratch copy of the watched parameters (their
             size in their dtype) and needs :meth:`attach`.
+        process_group: for a model split across ranks in a way the device
+            meshes do not describe (pipeline stages): the global norm, and so
+            every global clip coefficient, is combined over this
+            ``ProcessGroup`` or 1-D ``DeviceMesh`` (one more all-reduce of one
+            number). See the "Distributed training" guide.
+        sinks_rank: the rank whose sinks open, write and close (default 0);
+            None: every rank's (give each rank its own file, e.g. with
+            :func:`gradwatch.distributed.rank_path`).
 
     Raises:
         TypeError: ``model`` is neither a module nor named parameters, or a
-            clipper/detector/sink/scaler of the wrong type.
+            clipper/detector/sink/scaler/process_group of the wrong type.
+        NotImplementedError: ``param_norms``/``update_ratio`` with DTensor parameters.
         ValueError: no trainable parameter, duplicate names,
             ``every``/``flush_every`` out of range, an unknown ``measure``, or a
             recorder that already serves another watch.
@@ -204,11 +228,13 @@ class GradWatch:
         flush_every: int = 100,
         measure: str = "auto",
         scaler: Any | None = None,
+        process_group: Any = None,
+        sinks_rank: int | None = 0,
         recorder: FlightRecorder | None = None,
         param_norms: bool = False,
         update_ratio: bool = False,
     ) -> None:
-        self.names, self.params = named_trainable(model, "model")
+        self.names, self.params = named_trainable(unwrap_ddp(model) if isinstance(model, nn.Module) else model, "model")
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True: nothing to watch")
         self.every = check_int(every, "every", min=1)
@@ -228,10 +254,21 @@ class GradWatch:
         self._recorder = recorder
         self.update_ratio = check_bool(update_ratio, "update_ratio")
         self.param_norms = check_bool(param_norms, "param_norms") or self.update_ratio
+        if self.param_norms and any(is_dtensor(p) for p in self.params):
+            raise NotImplementedError(
+                "param_norms and update_ratio are not supported for DTensor parameters (FSDP2, HSDP, tensor "
+                "parallel) yet: their weight norms would be the local shards'"
+            )
         self.clipper = clipper
         self.scaler = scaler
-        self.measure = _effective_mode(model, measure, scaler)
-        self._unwatched = _frozen_params(model)
+        self.process_group = check_process_group(process_group)
+        if sinks_rank is not None:
+            check_int(sinks_rank, "sinks_rank", min=0)
+        self.sinks_rank = sinks_rank
+        self._sinks_here = self.sinks if sinks_rank is None or get_rank() == sinks_rank else []
+        self._distributed = needs_reduction(self.params, self.process_group)
+        self.measure = _effective_mode(model, measure, scaler, self._distributed)
+        self._unwatched = _frozen_params(unwrap_ddp(model) if isinstance(model, nn.Module) else model)
         self._owner, self._first_key = _owner_of(model, self.params[0])
 
         self.device = self.params[0].device
@@ -241,7 +278,12 @@ class GradWatch:
         self._first_value_column = next((k for k in self._layout.names() if k not in _IN_PLACE), "")
         self._pending: list[_RowMeta] = []
         track_order = any(type(d).events is not Detector.events for d in self.detectors) or scaler is not None
-        self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
+        if self._distributed:  # full norms from local shards, one all-reduce per mesh; no parameter hooks
+            self._meter = DistributedMeter(
+                self.params, self.names, process_group=self.process_group, track_order=track_order
+            )
+        else:
+            self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
         self._gate = OptimizerGate(
             self._gated_step,
             self._flush_if_full,
@@ -268,7 +310,7 @@ class GradWatch:
         """Open every sink; if one refuses (e.g. an existing file), close those already open and re-raise."""
         opened = []
         try:
-            for s in self.sinks:
+            for s in self._sinks_here:
                 s.open(self.names, self._history.meta)
                 opened.append(s)
         except BaseException:
@@ -378,6 +420,8 @@ class GradWatch:
             if not observe and self.clipper is None:
                 return None
             grads, missing = self._grads()
+            if observe and self._rows.full:  # the flush after the last optimizer step did not run (it raised)
+                self.flush()
             row = self._rows.next() if observe else self._rows.scratch
             self._measure(row, grads, missing)
             clipped = self._clip(row, step)
@@ -418,7 +462,10 @@ class GradWatch:
             self._gate.unscale(self.scaler)
             grads, missing = self._grads()
         self._meter.measure(grads, missing, row.cols["norms"], hooks_valid=not unscaled)
-        torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
+        if self._distributed:  # the meter knows the override group (pipeline stages)
+            self._meter.total(row.cols["norms"], out=row.cols["total"])
+        else:
+            torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
         if self._weights is not None:
             self._weights.norms(row.cols["param_norms"])
 
@@ -600,7 +647,7 @@ class GradWatch:
         errors: list[BaseException] = []
         if chunk.incidents:
             _collect(errors, self._write_incident_files)
-        for sink in self.sinks:
+        for sink in self._sinks_here:
             _collect(errors, sink.write, chunk)
         for detector, event in reactions:
             _collect(errors, self._act, detector, event)
@@ -682,7 +729,7 @@ class GradWatch:
 
     def _write_incident_files(self) -> None:
         """Beside each file sink's ``path``: ``<path>.incidents.npz``, every incident so far (rewritten atomically)."""
-        for sink in self.sinks:
+        for sink in self._sinks_here:
             path = getattr(sink, "path", None)
             if isinstance(path, (str, os.PathLike)):
                 write_incident_file(f"{os.fspath(path)}.incidents.npz", self._history, getattr(sink, "mode", "w"))
@@ -765,7 +812,7 @@ class GradWatch:
         self._meter.remove()
         self._gate.detach_all()
         _collect(errors, self._warner.summary)
-        for s in self.sinks:
+        for s in self._sinks_here:
             _collect(errors, s.close)
         if errors:
             raise errors[0]
@@ -801,10 +848,10 @@ def _list_of(items: Any, argname: str, cls: type, what: str) -> list:
     return items
 
 
-def _effective_mode(model: Any, measure: str, scaler: Any) -> str:
+def _effective_mode(model: Any, measure: str, scaler: Any, distributed: bool = False) -> str:
     """The measurement mode actually used: ``"step"`` with AMP, and for ``"auto"`` under DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    if scaler is not None:
+    if scaler is not None or distributed:  # sharded gradients: no parameter hooks (they would gather)
         return "step"
     if measure == "auto" and ddp:
         return "step"

@@ -446,3 +446,25 @@ def test_scaler_without_attach_works_once_the_gradients_are_unscaled():
     assert h.steps.tolist() == [0]  # the failed attempt took no step index
     np.testing.assert_allclose(h.total, [expected], rtol=1e-6)
     assert h.scale.tolist() == [1024.0]
+
+
+def test_an_optimizer_step_that_raises_loses_no_row_when_the_buffer_is_full():
+    """The flush runs after the optimizer's step; if that step raises, the next watch step flushes first."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.GradWatch(model, flush_every=1)
+    watch.attach(opt)
+
+    def explode(*_):
+        raise RuntimeError("optimizer failed")
+
+    handle = opt.register_step_pre_hook(explode)  # runs after the watch's pre-hook
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        opt.step()
+    handle.remove()
+    for x in batches(2):
+        opt.zero_grad()
+        loss_of(model, x).backward()
+        opt.step()
+    assert watch.history.steps.tolist() == [0, 1, 2]

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from gradwatch._params import named_trainable
 from gradwatch._validate import check_float, check_int, check_names
+from gradwatch.distributed import full_norms, is_dtensor, local_tensor, row_norms
 from gradwatch.norms import check_norm_type, grad_norms, group_by_device_dtype, stat_dtype, total_norm
 
 __all__ = [
@@ -86,8 +87,15 @@ def _norms(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """:func:`gradwatch.norms.grad_norms`, also for sparse gradients (norm of the coalesced values)."""
+    """:func:`gradwatch.norms.grad_norms`, also for sparse gradients (norm of the coalesced values).
+
+    DTensor gradients (FSDP2, HSDP, tensor parallel): the norms of the full gradients, the same on every
+    rank (:func:`gradwatch.distributed.full_norms`: one all-reduce per device mesh).
+    """
     present = [g for g in grads if g is not None]
+    if any(is_dtensor(g) for g in present):
+        norms = full_norms(grads, norm_type)
+        return norms.to(device=device or norms.device, dtype=dtype or _norm_dtype([g.dtype for g in present]))
     if device is None:
         device = present[0].device if present else torch.device("cpu")
     if dtype is None:
@@ -182,7 +190,7 @@ class ClipContext:
 
     def total_norm(self, norm_type: float) -> Tensor:
         """The ``norm_type``-norm of all gradients together (bit-identical to torch for dense ones)."""
-        if all(g is None or g.layout == torch.strided for g in self.grads):
+        if all(g is None or (g.layout == torch.strided and not is_dtensor(g)) for g in self.grads):
             return total_norm(self.grads, norm_type)
         return torch.linalg.vector_norm(_norms(self.grads, norm_type), norm_type)
 
@@ -190,7 +198,8 @@ class ClipContext:
     def groups(self) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
         """The present gradients grouped by device and dtype (for ``torch._foreach_*``)."""
         if self._groups is None:
-            self._groups = group_by_device_dtype(self.grads)
+            # DTensor gradients by their local shards: in-place ops on them need no redistribution
+            self._groups = group_by_device_dtype([None if g is None else local_tensor(g) for g in self.grads])
         return self._groups
 
     def with_norms(self, norms: Tensor | None, total: Tensor | None) -> ClipContext:
@@ -273,6 +282,8 @@ def _positive(value: Any, argname: str) -> float:
 def _measure_after(ctx: ClipContext) -> Tensor:
     """The L2 norms of the (clipped) gradients, in one fused pass when possible."""
     like = ctx.norms
+    if any(g is not None and is_dtensor(g) for g in ctx.grads):  # the full norms of sharded gradients
+        return _norms(ctx.grads, device=like.device, dtype=like.dtype)
     groups = ctx.groups
     if len(groups) == 1:
         (_, dtype), (grads, _) = next(iter(groups.items()))
@@ -1182,6 +1193,8 @@ class AGC(Clipper):
         if self._mask is None or len(self._mask) != len(ctx.params):
             self.bind(ctx.names, ctx.params)
         total = ctx.total  # before the gradients change
+        if any(g is not None and is_dtensor(g) for g in ctx.grads):
+            return self._clip_sharded(ctx, total)
         plan = self._plan(ctx)
         nan = _constant(self, math.nan, total)
         if not plan:
@@ -1227,6 +1240,23 @@ class AGC(Clipper):
                 shaped = f.view((-1,) + (1,) * (pc.ndim - 1))
                 views.extend(shaped.split(pc.rows) if pc.kind == "cat" else (shaped,))
         torch._foreach_mul_(grads, views)
+        return ctx.result(total, nan, lambda: _measure_after(ctx))
+
+    def _clip_sharded(self, ctx: ClipContext, total: Tensor) -> ClipResult:
+        """DTensor gradients: each unit's full norm from the local rows (:func:`gradwatch.distributed.row_norms`:
+        local for ``Shard(0)``, reduced across the mesh for ``Shard(1)``), the local rows scaled in place."""
+        assert self._mask is not None
+        idx = [i for i, g in enumerate(ctx.grads) if g is not None and not self._mask[i] and g.numel() > 0]
+        nan = _constant(self, math.nan, total)
+        if not idx:
+            return ctx.result(total, nan, lambda: ctx.norms)
+        units = row_norms([ctx.params[i].detach() for i in idx] + [ctx.grads[i] for i in idx])  # type: ignore[misc]
+        for k, i in enumerate(idx):
+            w_norm, g_norm = units[k], units[len(idx) + k]
+            limit = w_norm.clamp(min=self.eps) * self.clipping
+            factor = torch.where(g_norm > limit, limit / g_norm.clamp(min=1e-6), 1.0)
+            g = local_tensor(ctx.grads[i])  # type: ignore[arg-type]
+            g.mul_(factor.reshape(factor.shape + (1,) * (g.ndim - factor.ndim)).to(g.dtype))
         return ctx.result(total, nan, lambda: _measure_after(ctx))
 
 

@@ -9,6 +9,11 @@ numbers; the assertions run here, against references computed in this process.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +37,7 @@ from _dist_harness import (
 )
 from torch import nn
 
+import gradwatch as gw
 from gradwatch.distributed import (
     DistributedMeter,
     NormReducer,
@@ -317,8 +323,139 @@ def s_pipeline_hsdp(rank: int, world: int):
     return {"stage": stage, "fulls": fulls, "norms": norms, "total": total, "counts": dict(c.counts)}
 
 
-TWO = [s_engine, s_rows, s_mixed_meshes, s_pipeline, s_ddp, s_fsdp2, s_fsdp2_training, s_tp]
-FOUR = [s_hsdp, s_fsdp_tp, s_pipeline_hsdp]
+# --------------------------------------------------------------------------- GradWatch end to end
+
+WATCH_STEPS = 3
+CLIPPERS = {
+    "ClipByGlobalNorm": lambda: gw.ClipByGlobalNorm(MAX_NORM),
+    "ClipByNorm": lambda: gw.ClipByNorm(0.3),
+    "ClipByValue": lambda: gw.ClipByValue(0.05),
+    "AutoClip": lambda: gw.AutoClip(percentile=50.0),
+    "ZClip": lambda: gw.ZClip(warmup_steps=2, z_thresh=0.5),
+    "AGC": lambda: gw.AGC(clipping=0.05),
+    "Chain": lambda: gw.Chain(gw.ClipByValue(0.2), gw.ClipByGlobalNorm(MAX_NORM)),
+}
+#: all-reduces per watch step: one for the norms; clippers that change gradients element- or unit-wise
+#: measure the post-clip norms again (one more); AGC's units one more (rows of Shard(1), whole biases)
+WATCH_COLLECTIVES = {"ClipByValue": 2, "Chain": 2, "AGC": 3}
+
+
+def watch_run(model, data, wrapped=None, accumulate=False, clipper="ClipByGlobalNorm", **kw):
+    """WATCH_STEPS attached SGD steps under a watch with ``clipper``: its history, the full weights, the counts."""
+    wrapped = model if wrapped is None else wrapped
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    watch = gw.GradWatch(wrapped, clipper=CLIPPERS[clipper](), **kw)
+    watch.attach(opt)
+    out = {}
+    for step in range(WATCH_STEPS):
+        opt.zero_grad()
+        x, y = data(step)
+        if accumulate:  # DDP: the first micro-batch under no_sync
+            (x0, x1), (y0, y1) = x.chunk(2), y.chunk(2)
+            with wrapped.no_sync():
+                (loss_fn(wrapped, x0, y0) / 2).backward()
+            (loss_fn(wrapped, x1, y1) / 2).backward()
+        else:
+            loss_fn(wrapped, x, y).backward()
+        if step == 1:  # the watch's own step, counted (syncs and collectives on separate steps)
+            with count_host_syncs() as hs:
+                watch.step()
+            out["syncs"] = hs.syncs
+        elif step == 2:
+            with count_collectives() as c:
+                watch.step()
+            out["collectives"] = dict(c.counts)
+        opt.step()
+    h = watch.history
+    watch.close()
+    out.update(
+        names=h.names,
+        **{k: torch.from_numpy(getattr(h, k).copy()) for k in ("norms", "total", "clip_coef", "norms_clipped")},
+        total_clipped=torch.from_numpy(h.total_clipped.copy()),
+        weights={n: full(p.detach()).clone() for n, p in model.named_parameters()},
+    )
+    return out
+
+
+def s_watch_ddp(rank: int, world: int):
+    model = MLP()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    return watch_run(model, lambda s: local_batch(s, rank, world), ddp, accumulate=True)
+
+
+def s_watch_fsdp2(rank: int, world: int):
+    dm = mesh((world,))
+    return {k: watch_run(fsdp2_mlp(dm), lambda s: local_batch(s, rank, world), clipper=k) for k in CLIPPERS}
+
+
+def s_watch_tp(rank: int, world: int):
+    dm = mesh((world,))
+    return {k: watch_run(tp_mlp(dm), batch, clipper=k) for k in CLIPPERS}
+
+
+def s_watch_hsdp(rank: int, world: int):
+    return watch_run(fsdp2_mlp(mesh((2, world // 2), ("replicate", "shard"))), lambda s: local_batch(s, rank, world))
+
+
+def s_watch_skip(rank: int, world: int):
+    """A NaN in one rank's local shard only: every rank skips the step and names the same parameter."""
+    model = fsdp2_mlp(mesh((world,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.GradWatch(model, detectors=[gw.NonFinite(action="skip")])
+    watch.attach(opt)
+    weights = []
+    for step in range(3):
+        opt.zero_grad()
+        loss_fn(model, *local_batch(step, rank, world)).backward()
+        if step == 1 and rank == 1:
+            local_tensor(model.down.weight.grad)[0, 0] = math.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip's warning
+            opt.step()
+        weights.append({n: full(p.detach()).clone() for n, p in model.named_parameters()})
+    h = watch.history
+    watch.close()
+    return {"weights": weights, "events": [(e.step, e.kind, e.name) for e in h.events]}
+
+
+def s_watch_sinks(rank: int, world: int):
+    d = Path(tempfile.gettempdir()) / f"gradwatch_sinks_{os.environ['MASTER_PORT']}"
+    d.mkdir(exist_ok=True)
+    model = fsdp2_mlp(mesh((world,)))
+    loss_fn(model, *local_batch(0, rank, world)).backward()
+    with gw.GradWatch(model, sinks=[gw.CSVSink(d / "run.csv", mode="w")]) as w:  # rank 0 only
+        w.step()
+    with gw.GradWatch(model, sinks=[gw.CSVSink(rank_path(d / "all.csv"), mode="w")], sinks_rank=None) as w:
+        w.step()
+    try:
+        gw.GradWatch(model, param_norms=True)
+        refused = None
+    except NotImplementedError as e:
+        refused = str(e)
+    dist.barrier()
+    files = sorted(p.name for p in d.iterdir())
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(d)
+    return {"files": files, "refused": refused}
+
+
+TWO = [
+    s_engine,
+    s_rows,
+    s_mixed_meshes,
+    s_pipeline,
+    s_ddp,
+    s_fsdp2,
+    s_fsdp2_training,
+    s_tp,
+    s_watch_ddp,
+    s_watch_fsdp2,
+    s_watch_tp,
+    s_watch_skip,
+    s_watch_sinks,
+]
+FOUR = [s_hsdp, s_fsdp_tp, s_pipeline_hsdp, s_watch_hsdp]
 
 
 @pytest.fixture(scope="module")
@@ -591,3 +728,67 @@ def test_pipeline_over_hsdp_submeshes(four):
         close(r["norms"], [torch.linalg.vector_norm(fulls[r["stage"]])])
         close(r["total"], torch.linalg.vector_norm(torch.cat([f.reshape(-1) for f in fulls])))
         assert r["counts"] == {"all_reduce": 2}  # the stage's mesh, then the global norm over the stages
+
+
+def watch_reference(clipper: str = "ClipByGlobalNorm"):
+    torch.manual_seed(0)
+    return watch_run(MLP(), batch, clipper=clipper)
+
+
+def check_watch(res, ref, collectives):
+    """Rows and weights equal the single-process watch's; identical on every rank; no host sync."""
+    assert bool((ref["clip_coef"] < 1).any())  # the clipper acted
+    for r in res:
+        assert r["names"] == ref["names"]
+        for key in ("norms", "total", "clip_coef", "norms_clipped", "total_clipped"):
+            torch.testing.assert_close(r[key], ref[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+        for n, w in ref["weights"].items():
+            torch.testing.assert_close(r["weights"][n], w, rtol=1e-5, atol=1e-6)
+        assert r["syncs"] == 0
+        if collectives is not None:
+            assert r["collectives"] == collectives
+    for key in ("norms", "total", "clip_coef"):
+        identical_on_all_ranks([r[key] for r in res])
+    for n in ref["weights"]:
+        identical_on_all_ranks([r["weights"][n] for r in res])
+
+
+def test_watch_ddp_no_sync_accumulation(two):
+    check_watch(result_of(two, "s_watch_ddp"), watch_reference(), {})
+
+
+@pytest.mark.parametrize("clipper", list(CLIPPERS))
+def test_watch_fsdp2_every_clipper(two, clipper):
+    res = [r[clipper] for r in result_of(two, "s_watch_fsdp2")]
+    check_watch(res, watch_reference(clipper), {"all_reduce": WATCH_COLLECTIVES.get(clipper, 1)})
+
+
+@pytest.mark.parametrize("clipper", list(CLIPPERS))
+def test_watch_tensor_parallel_every_clipper(two, clipper):
+    res = [r[clipper] for r in result_of(two, "s_watch_tp")]
+    check_watch(res, watch_reference(clipper), {"all_reduce": WATCH_COLLECTIVES.get(clipper, 1)})
+
+
+def test_watch_hsdp(four):
+    check_watch(result_of(four, "s_watch_hsdp"), watch_reference(), {"all_reduce": 1})
+
+
+def test_watch_skip_on_every_rank(two):
+    res = result_of(two, "s_watch_skip")
+    assert res[0]["events"] == res[1]["events"] == [(1, "nonfinite", "down.weight")]
+    for r in res:
+        for n, w in r["weights"][1].items():
+            assert torch.equal(w, r["weights"][0][n])  # step 1 skipped on every rank
+            assert not torch.equal(r["weights"][2][n], w)  # step 2 ran
+    for n in res[0]["weights"][2]:
+        identical_on_all_ranks([r["weights"][2][n] for r in res])
+
+
+def test_watch_sinks_write_on_rank_zero(two):
+    res = result_of(two, "s_watch_sinks")
+    assert res[0]["files"] == res[1]["files"] == ["all.rank0.csv", "all.rank1.csv", "run.csv"]
+
+
+def test_watch_refuses_weight_norms_of_dtensors(two):
+    for r in result_of(two, "s_watch_sinks"):  # rather than the local shards' norms, silently
+        assert "param_norms" in r["refused"] and "DTensor" in r["refused"]

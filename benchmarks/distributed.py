@@ -22,6 +22,8 @@ Variants:
   (``NormReducer.norms``: one all-reduce of P numbers), the global norm from them
   and a global clip with one coefficient on every rank -- what a watch with
   ``ClipByGlobalNorm`` does;
+* ``GradWatch + ClipByGlobalNorm``: the same through a watch (``watch.step()``
+  before the optimizer step), rows kept on the device (``flush_every=10_000``);
 * ``clip_grad_norm_``: ``torch.nn.utils.clip_grad_norm_(foreach=True)`` -- global
   clipping only, no per-parameter norms;
 * ``per-param full_tensor() norms``: the naive way to get full per-parameter norms
@@ -76,6 +78,13 @@ def variants():
         total = reducer.total(norms)
         scale_(grads, (MAX_NORM / (total + 1e-6)).clamp(max=1.0))
 
+    def watch(model, state):
+        import gradwatch as gw
+
+        if "watch" not in state:
+            state["watch"] = gw.GradWatch(model, clipper=gw.ClipByGlobalNorm(MAX_NORM), flush_every=10_000)
+        state["watch"].step()
+
     def torch_clip(model, state):
         nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)
 
@@ -85,6 +94,7 @@ def variants():
     return {
         "plain": None,
         "gradwatch norms + global clip": engine,
+        "GradWatch + ClipByGlobalNorm": watch,
         "clip_grad_norm_": torch_clip,
         "per-param full_tensor() norms": naive,
     }

@@ -418,6 +418,17 @@ def s_watch_skip(rank: int, world: int):
     return {"weights": weights, "events": [(e.step, e.kind, e.name) for e in h.events]}
 
 
+def s_watch_pipeline(rank: int, world: int):
+    """Pipeline stages: each rank watches its own part of the model; process_group combines the global norm."""
+    model = MLP()
+    loss_fn(model, *batch(0)).backward()  # every rank computes the full gradients; each watches its part
+    mine = [(n, p) for i, (n, p) in enumerate(model.named_parameters()) if i % world == rank]
+    with gw.GradWatch(mine, clipper=gw.ClipByGlobalNorm(MAX_NORM), process_group=dist.group.WORLD) as w:
+        w.step()
+    h = w.history
+    return {"names": h.names, "total": h.total, "coef": h.clip_coef, "norms": h.norms}
+
+
 def s_watch_sinks(rank: int, world: int):
     d = Path(tempfile.gettempdir()) / f"gradwatch_sinks_{os.environ['MASTER_PORT']}"
     d.mkdir(exist_ok=True)
@@ -454,6 +465,7 @@ TWO = [
     s_watch_tp,
     s_watch_skip,
     s_watch_sinks,
+    s_watch_pipeline,
 ]
 FOUR = [s_hsdp, s_fsdp_tp, s_pipeline_hsdp, s_watch_hsdp]
 
@@ -792,3 +804,14 @@ def test_watch_sinks_write_on_rank_zero(two):
 def test_watch_refuses_weight_norms_of_dtensors(two):
     for r in result_of(two, "s_watch_sinks"):  # rather than the local shards' norms, silently
         assert "param_norms" in r["refused"] and "DTensor" in r["refused"]
+
+
+def test_watch_pipeline_stages_share_one_global_norm(two):
+    ref = reference_grads(0)
+    rnorms, ref_total = reference_norms(ref)
+    res = result_of(two, "s_watch_pipeline")
+    assert sorted(n for r in res for n in r["names"]) == sorted(ref)
+    for r in res:
+        close(r["total"], [ref_total])  # the whole model's, on every stage
+        close(r["coef"], [min(1.0, MAX_NORM / (float(ref_total) + 1e-6))])
+        close(r["norms"][0], [rnorms[list(ref).index(n)] for n in r["names"]])  # this stage's own

@@ -108,3 +108,14 @@ def has_step_hooks(optimizer: Any) -> bool:
     (accelerate's ``AcceleratedOptimizer``) lack the hook dictionaries.
     """
     return hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "_optimizer_step_post_hooks")
+
+
+# -- DeviceMesh ------------------------------------------------------------------------
+def flattened_group(mesh: Any) -> Any:
+    """The process group of ``mesh`` flattened to one dimension (``DeviceMesh._flatten``)."""
+    return mesh._flatten().get_group()
+
+
+def root_mesh(mesh: Any) -> Any:
+    """The mesh ``mesh`` was sliced from (``DeviceMesh._get_root_mesh``), or ``mesh`` itself."""
+    return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh

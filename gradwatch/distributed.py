@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradwatch._compat import flattened_group, root_mesh
 from gradwatch._validate import check_float
 
 __all__ = [
@@ -262,18 +263,18 @@ def _mesh_group(mesh: Any, dims: tuple[int, ...]) -> Any:
     if len(dims) == mesh.ndim:
         if dist.is_initialized() and mesh.size() == dist.get_world_size():
             return dist.group.WORLD
-        return mesh._flatten().get_group()  # torch-private: the group of a flattened (sub)mesh
+        return flattened_group(mesh)
     names = mesh.mesh_dim_names
     if names is None:
         raise NotImplementedError(
             f"reducing over mesh dimensions {dims} of {mesh} needs named mesh dimensions (init_device_mesh(..., "
             "mesh_dim_names=...))"
         )
-    return mesh[tuple(names[d] for d in dims)]._flatten().get_group()  # torch-private, as above
+    return flattened_group(mesh[tuple(names[d] for d in dims)])
 
 
 def _root_ranks(mesh: Any) -> frozenset[int]:
-    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # torch-private
+    root = root_mesh(mesh)
     return frozenset(root.mesh.flatten().tolist())
 
 

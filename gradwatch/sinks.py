@@ -81,6 +81,13 @@ def _check_path(path: Any, name: str = "path") -> Path:
     return Path(path)
 
 
+def _rank() -> int:
+    """This process's rank in the default process group (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _check_group_by(group_by: Any) -> Any:
     """None, a module depth >= 1, or a callable name -> group."""
     if group_by is None or callable(group_by):
@@ -181,7 +188,8 @@ class _FileSink(Sink):
         self._file: io.TextIOWrapper | None = None
         self._meta: dict[str, Any] = {}
         self._resume_after: int | None = None  # mode "a": the last step already in the file
-        self._check_new()  # now, before the watch opens any sink's file, and again at open()
+        if _rank() == 0:  # now, before the watch opens any sink's file, and again at open(); other ranks
+            self._check_new()  # do not open file sinks by default, and rank 0 may have created the file already
 
     def _check_new(self) -> bool:
         """Whether the file holds something; with ``mode="x"`` that is an error."""

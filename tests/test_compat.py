@@ -80,3 +80,17 @@ def test_dispatch_mode_sees_local_scalar_dense():
     with Spy():
         torch.ones(2).sum().item()
     assert torch.ops.aten._local_scalar_dense.default in seen
+
+
+def test_device_mesh_flatten_and_root_on_a_one_process_mesh(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+        group = _compat.flattened_group(mesh)
+        assert dist.get_world_size(group) == 1
+        assert _compat.root_mesh(mesh["tp"]) is mesh
+    finally:
+        dist.destroy_process_group()

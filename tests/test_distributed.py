@@ -445,10 +445,15 @@ def s_watch_sinks(rank: int, world: int):
         refused = str(e)
     dist.barrier()
     files = sorted(p.name for p in d.iterdir())
+    try:  # the default mode="x" on a file rank 0 already wrote: only rank 0, which would open it, refuses
+        gw.CSVSink(d / "run.csv")
+        refuses_existing = False
+    except FileExistsError:
+        refuses_existing = True
     dist.barrier()
     if rank == 0:
         shutil.rmtree(d)
-    return {"files": files, "refused": refused}
+    return {"files": files, "refused": refused, "refuses_existing": refuses_existing}
 
 
 TWO = [
@@ -799,6 +804,8 @@ def test_watch_skip_on_every_rank(two):
 def test_watch_sinks_write_on_rank_zero(two):
     res = result_of(two, "s_watch_sinks")
     assert res[0]["files"] == res[1]["files"] == ["all.rank0.csv", "all.rank1.csv", "run.csv"]
+    # the same script builds its sinks on every rank: a rank that will not open the file must not refuse it
+    assert [r["refuses_existing"] for r in res] == [True, False]
 
 
 def test_watch_refuses_weight_norms_of_dtensors(two):

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from gradwatch._compat import flattened_group, root_mesh
 from gradwatch._validate import check_float
+from gradwatch.norms import ReadyOrder
 
 __all__ = [
     "DistributedMeter",
@@ -595,7 +596,7 @@ def needs_reduction(params: Iterable[Tensor], process_group: Any = None) -> bool
     return process_group is not None or any(is_dtensor(p) for p in params)
 
 
-class DistributedMeter:
+class DistributedMeter(ReadyOrder):
     """A drop-in for the watch's ``NormMeter`` on sharded models: full L2 norms at step time, no hooks.
 
     Parameter hooks would see DTensor gradients (an all-gather per hooked
@@ -630,17 +631,13 @@ class DistributedMeter:
         self.reducer = NormReducer(names, process_group=process_group)
         self.hot = True
         self.hooked = [False] * len(self.params)
-        self.order: list[int] = []
-        self._fired = [False] * len(self.params)
-        self._handles = []
+        ReadyOrder.__init__(self, len(self.params))
         if track_order:
             self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
     def _hook(self, i: int):
         def hook(param: Tensor) -> None:
-            if not self._fired[i]:
-                self._fired[i] = True
-                self.order.append(i)
+            self._mark_ready(i)
 
         return hook
 
@@ -656,18 +653,6 @@ class DistributedMeter:
         """The global norm from :meth:`measure`'s norms (combined over the override group if any)."""
         t = self.reducer.total(norms)
         return t if out is None else out.copy_(t)
-
-    def reset(self) -> None:
-        """Forget the ready order (call after each step)."""
-        for i in self.order:
-            self._fired[i] = False
-        self.order.clear()
-
-    def remove(self) -> None:
-        """Remove the order-tracking hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 # --------------------------------------------------------------------------- unit-wise (row) norms for AGC

@@ -35,6 +35,7 @@ __all__ = [
     "HOOK_MIN_NUMEL",
     "MODES",
     "NormMeter",
+    "ReadyOrder",
     "grad_norms",
     "group_by_device_dtype",
     "sparse_values",
@@ -225,7 +226,38 @@ def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tens
     return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
 
 
-class NormMeter:
+class ReadyOrder:
+    """The order in which the parameters' gradients became ready in backward, since the last :meth:`reset`.
+
+    Kept by post-accumulate-grad hooks that call :meth:`_mark_ready`; the
+    first parameters in :attr:`order` are where a value entered the backward
+    pass (what :class:`~gradwatch.NonFinite` reports first).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.order: list[int] = []
+        self._fired = [False] * n
+        self._handles: list = []
+
+    def _mark_ready(self, i: int) -> None:
+        if not self._fired[i]:
+            self._fired[i] = True
+            self.order.append(i)
+
+    def reset(self) -> None:
+        """Forget the ready order (call after each step)."""
+        for i in self.order:
+            self._fired[i] = False
+        self.order.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class NormMeter(ReadyOrder):
     """Writes this step's gradient L2 norms into a ``[P]`` tensor on ``device`` in ``dtype``.
 
     Args:
@@ -255,9 +287,7 @@ class NormMeter:
         self._fused_idx = [i for i in range(P) if not self.hooked[i]]
         self._index: dict[tuple[int, ...], Tensor] = {}
         self.hot = True
-        self._fired = [False] * P
-        self.order: list[int] = []
-        self._handles = []
+        super().__init__(P)
         if self._hooked_idx or track_order:
             self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
@@ -282,14 +312,11 @@ class NormMeter:
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
         hooked = self.hooked[i]
-        fired, order = self._fired, self.order
 
         def hook(param: Tensor) -> None:
             if hooked and self.hot:
                 self._square_into(i, param.grad)
-            if not fired[i]:
-                fired[i] = True
-                order.append(i)
+            self._mark_ready(i)
 
         return hook
 
@@ -316,15 +343,3 @@ class NormMeter:
         if missing:
             out.index_fill_(0, self._index_of(missing), 0.0)
         return out
-
-    def reset(self) -> None:
-        """Forget which hooks fired (call after each step)."""
-        for i in self.order:
-            self._fired[i] = False
-        self.order.clear()
-
-    def remove(self) -> None:
-        """Remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []

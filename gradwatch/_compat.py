@@ -102,12 +102,16 @@ def set_found_inf(optimizer: torch.optim.Optimizer, flag: Tensor | None) -> None
 
 # -- optimizer hooks --------------------------------------------------------------------
 def has_step_hooks(optimizer: Any) -> bool:
-    """Whether ``optimizer`` was built by ``Optimizer.__init__`` (so its step hooks work).
+    """Whether ``optimizer`` was built by ``Optimizer.__init__`` (so its step hooks fire with it).
 
     Wrappers that subclass ``Optimizer`` without calling its ``__init__``
-    (accelerate's ``AcceleratedOptimizer``) lack the hook dictionaries.
+    (accelerate's ``AcceleratedOptimizer``) lack the hook dictionaries;
+    ``LightningOptimizer`` reaches the wrapped optimizer's through
+    ``__getattr__``, so hooks registered on it fire with the wrapped optimizer.
+    Only an optimizer that owns them (in its instance ``__dict__``) counts.
     """
-    return hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "_optimizer_step_post_hooks")
+    own = getattr(optimizer, "__dict__", {})
+    return "_optimizer_step_pre_hooks" in own and "_optimizer_step_post_hooks" in own
 
 
 # -- DeviceMesh ------------------------------------------------------------------------

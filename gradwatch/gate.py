@@ -45,6 +45,10 @@ __all__ = ["OptimizerGate", "unwrap_optimizer"]
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` behind ``optimizer`` (accelerate's and Lightning's wrappers unwrapped).
 
+    That is the optimizer that owns the step-hook dictionaries, so the hooks
+    fire with it: ``LightningOptimizer`` passes ``isinstance`` checks and reads
+    the wrapped optimizer's hooks through ``__getattr__``, so it is unwrapped too.
+
     Raises:
         TypeError: ``optimizer`` is not an optimizer, or a wrapper whose
             optimizer gradwatch cannot reach (the message names the wrapper).

@@ -508,9 +508,23 @@ class History:
         Incidents are stored in the same file: their fields in the JSON header
         (``"incidents"``), their windows' columns as arrays named
         ``incident.<i>.<column>`` (files without incidents load with ``[]``).
+
+        ``meta`` is stored as JSON. Strings, numbers, booleans, None, lists
+        and string-keyed dicts of them come back equal (tuples come back as
+        lists, as JSON has no tuple). Numpy scalars and one-element tensors
+        are stored as the Python number ``.item()`` gives, so they come back
+        as a ``float`` (``int``, ``bool`` for integer and boolean dtypes), not
+        as a tensor; numpy arrays come back as (nested) lists.
+
+        Raises:
+            TypeError: a ``meta`` value (or a value nested in it) that JSON
+                cannot hold, e.g. an optimizer or a tensor of several
+                elements; the message names the key. Nothing is written then.
         """
         from gradwatch.forensics import incident_header
 
+        for key, value in self.meta.items():
+            _check_meta_value(key, value)
         header, arrays = self._payload()
         header["format"] = _FORMAT
         header["incidents"] = []
@@ -593,9 +607,27 @@ def _opt_float(x: Any) -> float | None:
 
 
 def _json_default(obj: Any) -> Any:
-    """numpy scalars and arrays in ``meta`` serialise as Python numbers and lists."""
+    """numpy scalars, one-element tensors and numpy arrays in ``meta`` serialise as Python numbers and lists.
+
+    Raises:
+        TypeError: anything else JSON cannot hold (never a silent ``repr``).
+    """
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    return repr(obj)
+    if type(obj).__module__.partition(".")[0] == "torch" and hasattr(obj, "numel") and obj.numel() == 1:
+        return obj.item()  # a tensor (torch is not imported here)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _check_meta_value(key: Any, value: Any) -> None:
+    """Raise a ``TypeError`` naming ``key`` if ``meta[key]`` cannot be stored as JSON."""
+    try:
+        json.dumps(value, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"History.save: meta[{key!r}] holds a {type(value).__name__} that JSON cannot store ({exc}); "
+            "meta values must be str, int, float, bool, None, lists and str-keyed dicts of them, numpy "
+            "scalars or arrays, or one-element tensors: convert it (e.g. str(value)) or remove it"
+        ) from exc

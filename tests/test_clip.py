@@ -102,16 +102,27 @@ def test_clip_by_value_equals_torch():
         assert torch.equal(pa.grad, pb.grad)
 
 
-def test_clip_by_norm_equals_paddle_formula():
+def clip_by_norm_reference(g, clip_norm):
+    """paddle.nn.ClipGradByNorm as a float64 numpy loop: a tensor above the bound is rescaled to it."""
+    x = g.double().numpy()
+    n = math.sqrt(sum(float(v) * float(v) for v in x.reshape(-1)))
+    return x * (clip_norm / n) if n > clip_norm else x
+
+
+def test_clip_by_norm_equals_paddle_reference_and_per_tensor_clip_grad_norm():
     a = params_with_grads(SHAPES, scale=2.0)
     before = grads_of(a)
+    b = twin(a)
     total = gw.ClipByNorm(3.0)(a)
-    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
-    for p, g in zip(a, before):
-        # paddle.nn.ClipGradByNorm: out = g * clip_norm / max(norm(g), clip_norm)
-        expected = g * 3.0 / torch.maximum(g.norm(), torch.tensor(3.0))
-        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0)
-        assert p.grad.norm() <= 3.0 * (1 + 1e-6)
+    assert total.item() == pytest.approx(np.linalg.norm(np.concatenate([g.numpy().ravel() for g in before])), rel=1e-6)
+    clipped = 0
+    for p, q, g in zip(a, b, before):
+        np.testing.assert_allclose(p.grad.double().numpy(), clip_by_norm_reference(g, 3.0), rtol=1e-6, atol=0)
+        # one tensor at a time, torch's global clip is the per-tensor clip (up to its +1e-6 in the divisor)
+        torch.nn.utils.clip_grad_norm_([q], 3.0)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+        clipped += bool(g.norm() > 3.0)
+    assert 0 < clipped < len(a)  # some tensors above the bound, some below
 
 
 def agc_reference(p, g, clipping, eps):
@@ -177,8 +188,10 @@ def test_autoclip_skips_nonfinite_norms_and_clips_like_clip_grad_norm():
     thresholds, p = run_autoclip(norms, 50.0, None)
     finite = [1.0, 2.0, 3.0, 4.0]
     assert thresholds[-1] == np.percentile(finite, 50.0)
-    expected = 4.0 * min(np.percentile(finite, 50.0) / (4.0 + 1e-6), 1.0)
-    assert p.grad.item() == pytest.approx(expected, rel=1e-12)
+    q = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    q.grad = torch.tensor([4.0], dtype=torch.float64)
+    torch.nn.utils.clip_grad_norm_([q], float(np.percentile(finite, 50.0)))
+    assert p.grad.item() == pytest.approx(q.grad.item(), rel=1e-12) and p.grad.item() < 4.0
 
 
 def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
@@ -225,11 +238,15 @@ def test_zclip_equals_scalar_reference_with_spikes():
 
 
 def test_zclip_max_norm_caps_during_warmup():
+    # the reference package applies clip_grad_norm_(max_grad_norm) at every warm-up step
     clip = gw.ZClip(max_norm=1.0)
-    p = torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.tensor([3.0, 4.0])
-    clip([p])
-    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    for g in ([3.0, 4.0], [0.3, 0.4]):
+        p.grad, q.grad = torch.tensor(g), torch.tensor(g)
+        clip([p])
+        torch.nn.utils.clip_grad_norm_([q], 1.0)
+        assert torch.equal(p.grad, q.grad)
+    assert p.grad.tolist() == pytest.approx([0.3, 0.4], rel=1e-5)  # below the cap: untouched
 
 
 def test_chain_applies_in_order_and_reports_first_norm():
@@ -632,12 +649,28 @@ def test_every_bad_argument_names_itself(make, word):
         make()
 
 
+def stepped_norms(clipper, norms):
+    """Feed ``clipper`` one single-element gradient per norm."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float64)
+        clipper([p])
+
+
 def test_integer_arguments_reject_floats_consistently():
     for make in (lambda v: gw.AutoClip(window=v), lambda v: gw.ZClip(warmup_steps=v)):
-        assert make(3) is not None
         with pytest.raises(TypeError, match="integer"):
             make(3.0)
-        assert make(np.int64(3)) is not None
+    norms = [1.0, 2.0, 4.0, 8.0, 16.0]
+    for v in (3, np.int64(3)):  # Python and numpy integers are accepted, stored as int, and take effect
+        auto, z = gw.AutoClip(window=v), gw.ZClip(warmup_steps=v)
+        assert type(auto.window) is int and type(z.warmup_steps) is int
+        assert repr(auto) == "AutoClip(percentile=10.0, window=3)"
+        feed(auto, norms)
+        assert sorted(auto.state_dict()["history"].tolist()) == norms[-3:]  # a ring of the last 3
+        assert auto.threshold().item() == pytest.approx(np.percentile(norms[-3:], 10.0))
+        stepped_norms(z, norms[:3])  # exactly the warm-up: population mean and variance of the 3 norms
+        assert z.mean.item() == pytest.approx(np.mean(norms[:3])) and z.var.item() == pytest.approx(np.var(norms[:3]))
 
 
 def stepped(clipper, steps=6):
@@ -746,8 +779,8 @@ def test_complex_gradients_follow_torch():
     for pa, pb in zip(a, b):
         assert torch.equal(pa.grad, pb.grad)
     c = params_with_grads([(3, 4)], [torch.complex64], scale=2.0)
-    before = c[0].grad.clone()
+    before = c[0].grad.numpy().astype(np.complex128)
     gw.ClipByNorm(0.5)(c)
-    torch.testing.assert_close(c[0].grad, before * 0.5 / before.abs().square().sum().sqrt())
+    np.testing.assert_allclose(c[0].grad.numpy(), before * 0.5 / np.linalg.norm(before), rtol=1e-6)
     with pytest.raises(NotImplementedError, match="complex"):
         gw.ClipByValue(1.0)(c)

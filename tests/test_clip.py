@@ -194,8 +194,12 @@ def test_autoclip_skips_nonfinite_norms_and_clips_like_clip_grad_norm():
     assert p.grad.item() == pytest.approx(q.grad.item(), rel=1e-12) and p.grad.item() < 4.0
 
 
-def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
-    """Step by step scalar ZClip (the algorithm of arXiv:2504.02507, zscore/adaptive)."""
+def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, max_norm=None):
+    """Step by step scalar ZClip (the algorithm of arXiv:2504.02507, zscore/adaptive; package zclip 1.0.0).
+
+    With ``max_norm`` as the package's ``max_grad_norm``: ``clip_grad_norm_(max_norm)`` at every warm-up
+    step, after it the norm is scaled only when it is above ``min(bound, max_norm)``.
+    """
     buf, mean, var, out = [], None, None, []
     for g in norms:
         if not math.isfinite(g):
@@ -206,14 +210,15 @@ def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
             if len(buf) == warmup:
                 mean = sum(buf) / len(buf)
                 var = sum((x - mean) ** 2 for x in buf) / len(buf)
-            out.append(g)
+            out.append(g if max_norm is None else g * min(max_norm / (g + 1e-6), 1.0))
             continue
         std = var**0.5
         z = (g - mean) / (std + eps)
         v = g
         if z > z_thresh:
             v = mean + z_thresh * std / (z / z_thresh)
-        out.append(g * (v / (g + 1e-6)) if v < g else g)
+        cap = v if max_norm is None else min(v, max_norm)
+        out.append(g * (cap / (g + 1e-6)) if g > cap else g)
         mean = alpha * mean + (1 - alpha) * v
         var = alpha * var + (1 - alpha) * (v - mean) ** 2
     return out
@@ -247,6 +252,24 @@ def test_zclip_max_norm_caps_during_warmup():
         torch.nn.utils.clip_grad_norm_([q], 1.0)
         assert torch.equal(p.grad, q.grad)
     assert p.grad.tolist() == pytest.approx([0.3, 0.4], rel=1e-5)  # below the cap: untouched
+
+
+def test_zclip_max_norm_after_warmup_scales_only_a_norm_above_the_cap():
+    norms = [2.0, 1.9, 2.1, 2.0, 2.05, 2.0, 1.95, 1.0, 40.0, 2.0]  # warm-up of 3; then at, above, below the cap
+    expected = zclip_reference(norms, warmup=3, max_norm=2.0)
+    clip = gw.ZClip(warmup_steps=3, max_norm=2.0)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    got = []
+    for n in norms:
+        p.grad = torch.tensor([n], dtype=torch.float64)
+        clip([p])
+        got.append(p.grad.item())
+    for t in (3, 5, 9):  # exactly at the cap after the warm-up: untouched, bit for bit
+        assert got[t] == 2.0, t
+    assert got[0] < 2.0  # in the warm-up the reference's clip_grad_norm_(2.0) scales a norm at the cap
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[4] < 2.0  # above it: clipped (to the reference's value, checked above)
+    assert got[8] < 2.0  # the spike
 
 
 def test_chain_applies_in_order_and_reports_first_norm():

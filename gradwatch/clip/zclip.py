@@ -28,8 +28,12 @@ class ZClip(GlobalClipper):
     the clipped norm: :math:`\mu \leftarrow \alpha\mu + (1-\alpha) n_c`,
     :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(n_c - \mu)^2` (with the
     updated :math:`\mu`). Non-finite norms leave the statistics untouched. The
-    optional ``max_norm`` adds a hard cap (also during warm-up); it is off by
-    default, unlike the reference package's 1.0.
+    optional ``max_norm`` adds a hard cap, as the reference package's
+    ``max_grad_norm`` does: during warm-up every step is
+    ``clip_grad_norm_(max_norm)``; after it the norm is scaled by
+    :math:`\min(n_c, m) / (n + 10^{-6})` only when it is above
+    :math:`\min(n_c, m)` (a norm exactly at the cap is left as it is). It is
+    off by default, unlike the reference package's 1.0.
 
     The warm-up statistics are accumulated with Welford's update (equal to the
     population mean and variance of the first ``warmup_steps`` finite norms), so
@@ -131,10 +135,14 @@ class ZClip(GlobalClipper):
         new = torch.addcmul(row * a, b, d.pow(self._powers))
         torch.where(g < math.inf, new, row, out=row)  # a non-finite norm leaves the statistics untouched
         thr = bound.amin()  # [1, 3] copies of the bound -> 0-d
-        if self.max_norm is not None:
-            thr = thr.clamp(max=self.max_norm)
         # fmin: a NaN ratio (a NaN norm, or an infinite one with no bound yet) leaves the gradients as they are
         coef = torch.fmin(thr / (g + _EPS_TORCH), self._constant(1.0, g))
+        if self.max_norm is not None:
+            thr = thr.clamp(max=self.max_norm)
+            # warm-up (zmax = inf): clip_grad_norm_(max_norm), as the reference does at every warm-up step;
+            # after it only a norm above the bound is scaled (a norm exactly at the cap is left as it is)
+            cap = torch.fmin(thr / (g + _EPS_TORCH), self._constant(1.0, g))
+            coef = torch.where((g > thr) | (zmax[0, 0] == math.inf), cap, coef)
         if coef.dtype != norm.dtype:
             coef, thr = coef.to(norm.dtype), thr.to(norm.dtype)
         return coef, thr

@@ -24,6 +24,7 @@ from gradwatch.clip import (
     GlobalClipper,
     ZClip,
 )
+from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
 from gradwatch.detect import (
     Detector,
     Event,
@@ -34,9 +35,19 @@ from gradwatch.detect import (
     Threshold,
     Vanishing,
 )
-from gradwatch.forensics import FlightRecorder, Incident, Onset, find_onsets, plot_incident
+from gradwatch.forensics import FlightRecorder, find_onsets
 from gradwatch.history import History
-from gradwatch.plot import plot_clipping, plot_compare, plot_heatmap, plot_norms, plot_taps
+from gradwatch.incidents import Incident, Onset
+from gradwatch.plot import (
+    plot_clipping,
+    plot_compare,
+    plot_heatmap,
+    plot_incident,
+    plot_norms,
+    plot_stats,
+    plot_stats_heatmap,
+    plot_taps,
+)
 from gradwatch.sinks import CallbackSink, CSVSink, JSONLSink, Sink, TensorBoardSink, read_csv, read_jsonl
 from gradwatch.syncs import count_host_syncs
 from gradwatch.watch import GradWatch
@@ -48,7 +59,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AGC",
+    "SCALAR",
     "AutoClip",
+    "Binding",
     "CSVSink",
     "CallbackSink",
     "Chain",
@@ -58,6 +71,7 @@ __all__ = [
     "ClipContext",
     "ClipResult",
     "Clipper",
+    "Contributor",
     "Detector",
     "Event",
     "FlightRecorder",
@@ -72,6 +86,7 @@ __all__ = [
     "Onset",
     "Sink",
     "Spike",
+    "StepView",
     "TensorBoardSink",
     "Threshold",
     "Vanishing",
@@ -84,6 +99,8 @@ __all__ = [
     "plot_heatmap",
     "plot_incident",
     "plot_norms",
+    "plot_stats",
+    "plot_stats_heatmap",
     "plot_taps",
     "read_csv",
     "read_jsonl",

@@ -15,8 +15,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TorchDispatchMode",
+    "foreach_clamp_",
+    "foreach_copy_",
+    "foreach_mul_",
     "foreach_norm",
+    "foreach_sub_",
     "found_inf_safe",
+    "module_parameter",
     "scale_of",
     "set_found_inf",
     "unscale_once",
@@ -33,6 +38,27 @@ def foreach_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch
     if device.type in ("cpu", "cuda") or device.type == torch._C._get_privateuse1_backend_name():
         return list(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
     return [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
+
+
+def foreach_mul_(tensors: Sequence[Tensor], factors: Tensor | Sequence[Tensor] | float) -> None:
+    """``torch._foreach_mul_``: every tensor scaled in place (one factor for all, or one each)."""
+    torch._foreach_mul_(list(tensors), factors if isinstance(factors, (Tensor, float, int)) else list(factors))
+
+
+def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``torch._foreach_copy_``: ``dst[i].copy_(src[i])`` in one call."""
+    torch._foreach_copy_(list(dst), list(src))
+
+
+def foreach_sub_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``torch._foreach_sub_``: ``tensors[i] -= others[i]`` in one call."""
+    torch._foreach_sub_(list(tensors), list(others))
+
+
+def foreach_clamp_(tensors: Sequence[Tensor], low: float, high: float) -> None:
+    """``torch._foreach_clamp_min_`` then ``torch._foreach_clamp_max_``: every element into ``[low, high]``."""
+    torch._foreach_clamp_min_(list(tensors), low)
+    torch._foreach_clamp_max_(list(tensors), high)
 
 
 # -- GradScaler ------------------------------------------------------------------------
@@ -123,3 +149,12 @@ def flattened_group(mesh: Any) -> Any:
 def root_mesh(mesh: Any) -> Any:
     """The mesh ``mesh`` was sliced from (``DeviceMesh._get_root_mesh``), or ``mesh`` itself."""
     return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+
+
+def module_parameter(module: torch.nn.Module, key: str) -> Tensor | None:
+    """The parameter registered on ``module`` under ``key`` (no submodule path), or None.
+
+    Reads ``module._parameters``: ``getattr`` would also find a plain tensor
+    attribute of that name, and ``get_parameter`` walks a path and raises.
+    """
+    return module._parameters.get(key)

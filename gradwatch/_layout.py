@@ -1,16 +1,20 @@
-"""The record layout: every contributor's named columns in one device row.
+"""The record layout: every contributor's named columns in one device row, and the buffer of rows.
 
-Every part of a watch that records something per step (the norm meter, the
-clipper, the AMP scaler, each detector) declares its columns once, when the
-watch is built -- as torchmetrics declares state with ``add_state``. The step
-writes named views of one device buffer; a flush copies the filled rows to the
-host in one transfer and :meth:`RecordLayout.split` hands each column back by
-name. Nothing else knows where a column sits in the row.
+The watch declares the meter's columns (``norms``, ``total``), then each
+contributor's (:class:`~gradwatch.Contributor`: the clipper's, the scaler's,
+the weight norms', each detector's, each statistic's) under its prefix, once,
+when the watch is built -- as torchmetrics declares state with ``add_state``.
+The step writes named views of one device buffer (:class:`Rows`); a flush
+copies the filled rows to the host in one transfer and
+:meth:`RecordLayout.split` hands each column back by name. Nothing else knows
+where a column sits in the row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,3 +105,78 @@ class RecordLayout:
     def split(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Split host rows ``[n, width]`` into named columns (views, no copies)."""
         return {k: rows[:, a] if scalar else rows[:, a:b] for k, (a, b, scalar) in self._slices.items()}
+
+    def declare_all(self, prefix: str, columns: Mapping[str, int]) -> None:
+        """Declare ``"<prefix>.<column>"`` for each of a contributor's columns (width 0: a scalar)."""
+        for key, width in columns.items():
+            self.declare(f"{prefix}.{key}", max(int(width), 1), scalar=int(width) == 0)
+
+
+def strip(cols: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The columns named ``"<prefix>.<column>"``, keyed by ``column``.
+
+    Example:
+        >>> strip({"clip.coef": 1, "scale": 2}, "clip")
+        {'coef': 1}
+    """
+    head = prefix + "."
+    return {k[len(head) :]: v for k, v in cols.items() if k.startswith(head)}
+
+
+@dataclass
+class RowMeta:
+    """What a recorded row carries besides its device values (host-known at the step)."""
+
+    step: int
+    missing: list[int]
+    order: list[int]
+    taps: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Row(NamedTuple):
+    """One buffer row and its named column views."""
+
+    tensor: Tensor
+    cols: dict[str, Tensor]
+
+
+class Rows:
+    """The device buffer of recorded rows: grows as it fills, up to ``capacity`` rows, and a scratch row.
+
+    Args:
+        layout: the declared columns.
+        capacity: the most rows kept between flushes.
+        device, dtype: where and how the rows are kept.
+    """
+
+    def __init__(self, layout: RecordLayout, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.layout, self.capacity = layout, capacity
+        self.count = 0
+        self._buf = torch.zeros(min(capacity, 64), layout.width, device=device, dtype=dtype)
+        self._views = self._rows_of(self._buf)
+        self.scratch = self._rows_of(torch.zeros(1, layout.width, device=device, dtype=dtype))[0]
+        self.meta: list[RowMeta] = []
+
+    def _rows_of(self, buf: Tensor) -> list[Row]:
+        return [Row(r, self.layout.views(r)) for r in buf.unbind()]
+
+    def next(self) -> Row:
+        """The views of the next free row (grows the buffer geometrically, a device copy)."""
+        if self.count == len(self._views):
+            grown = self._buf.new_zeros(min(self.capacity, 2 * len(self._views)), self.layout.width)
+            grown[: self.count].copy_(self._buf[: self.count])
+            self._buf = grown
+            self._views = self._rows_of(self._buf)
+        row = self._views[self.count]
+        self.count += 1
+        return row
+
+    def drain(self) -> tuple[Tensor, list[RowMeta]]:
+        """The filled rows (``[count, width]`` on the device) and their metas; the buffer is empty after."""
+        rows, metas = self._buf[: self.count], self.meta
+        self.count, self.meta = 0, []
+        return rows, metas
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.capacity

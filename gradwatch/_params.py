@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterable
 
 from torch import Tensor, nn
+
+from gradwatch._compat import module_parameter
 
 
 def named_trainable(obj: object, argname: str) -> tuple[list[str], list[Tensor]]:
@@ -74,3 +78,71 @@ def clean_name(name: str) -> str:
         'encoder.0.weight'
     """
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+class ParamGuard:
+    """Notices what happened to a watched model after the watch was built.
+
+    * moved or converted in a way that replaced its parameters (``model.to(...)``
+      on another device, ``nn.Module._apply``): :meth:`check_same` raises at the
+      next step, instead of measuring tensors the optimizer no longer updates;
+    * parameters frozen when the watch was built that now receive gradients,
+      or parameters an optimizer steps that the watch does not know:
+      :meth:`check_unwatched` / :meth:`unknown` warn once.
+
+    Args:
+        model: the watched module (or an iterable of named parameters: nothing to guard).
+        params: the watched parameters, in model order.
+    """
+
+    def __init__(self, model: object, params: list[Tensor]) -> None:
+        self.first = params[0]
+        self.device = self.first.device
+        self._owner: weakref.ref | None = None
+        self._key = ""
+        self._frozen: list[tuple[str, Tensor]] = []
+        self._warned = False
+        if isinstance(model, nn.Module):
+            for name, p in model.named_parameters():
+                if p is self.first and self._owner is None:
+                    prefix, _, self._key = name.rpartition(".")
+                    self._owner = weakref.ref(model.get_submodule(prefix))
+            self._frozen = [(clean_name(n), p) for n, p in model.named_parameters() if not p.requires_grad]
+
+    def check_same(self) -> None:
+        """Raise if the model's first parameter was replaced or moved since the watch was built."""
+        owner = self._owner() if self._owner is not None else None
+        current = module_parameter(owner, self._key) if owner is not None else None
+        current = self.first if current is None else current
+        if current is not self.first or self.first.device != self.device:
+            raise RuntimeError(
+                f"the model's parameters changed after the GradWatch was built (now on {current.device}, "
+                f"watched on {self.device}): build the GradWatch after moving or converting the model"
+            )
+
+    def check_unwatched(self) -> None:
+        """Warn once about frozen-at-build parameters that now receive gradients."""
+        if not self._warned:
+            late = [name for name, p in self._frozen if p.grad is not None]
+            if late:
+                self._warned = True
+                warn_unwatched(late)
+
+    def unknown(self, params: list[Tensor]) -> None:
+        """Warn once about ``params``: an attached optimizer steps them, the watch does not know them."""
+        if not self._warned:
+            self._warned = True
+            names = {id(p): n for n, p in self._frozen}
+            warn_unwatched([names.get(id(p), f"<{tuple(p.shape)} tensor>") for p in params])
+
+
+def warn_unwatched(names: list[str]) -> None:
+    """The one-time warning about parameters that get gradients but are not watched."""
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    warnings.warn(
+        f"gradwatch: {len(names)} parameter(s) receive gradients but are not watched or clipped "
+        f"({shown}): they were frozen or not in the model when the GradWatch was built. "
+        "Build the GradWatch after unfreezing / adding parameter groups.",
+        UserWarning,
+        stacklevel=4,
+    )

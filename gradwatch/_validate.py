@@ -156,5 +156,21 @@ def check_callable_or_choice(value: Any, name: str, choices: Iterable[str]) -> s
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} or a callable, got {value!r}")
 
 
+def check_list_of(value: Any, name: str, cls: type | tuple[type, ...], what: str) -> list:
+    """A list of ``cls`` instances from an iterable (not a string), else ``TypeError`` naming ``name``.
+
+    Example:
+        >>> check_list_of((1, 2), "xs", int, "integers")
+        [1, 2]
+    """
+    if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of {what} (use () for none), got {value!r}")
+    items = list(value)
+    for x in items:
+        if not isinstance(x, cls):
+            raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    return items
+
+
 def _range(lo: int | None, hi: int | None) -> str:
     return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"

@@ -260,7 +260,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for name in args.names or ():
         if name not in h.names and name not in h.tap_names:
             raise _name_error(args.run, h, name)
-    plt = plot._pyplot()
+    plt = plot.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
         path, _ = _output(fig, args.output)  # a bad suffix fails before drawing
@@ -293,7 +293,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.clipped and not h.known(column):
             what = "post-clip global norms" if args.name is None else "post-clip norms per parameter"
             raise RunError(f"{p}: --clipped: this file does not hold {what} (History.save keeps them)")
-    plt = plot._pyplot()
+    plt = plot.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
         _output(fig, args.output)

@@ -630,7 +630,6 @@ class DistributedMeter(ReadyOrder):
         self.params = list(params)
         self.reducer = NormReducer(names, process_group=process_group)
         self.hot = True
-        self.hooked = [False] * len(self.params)
         ReadyOrder.__init__(self, len(self.params))
         if track_order:
             self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]

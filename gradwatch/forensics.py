@@ -16,112 +16,28 @@ own recent level (:func:`find_onsets`: upwards, or downwards for a
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from gradwatch._validate import check_choice, check_float, check_int, check_names
-from gradwatch.detect import Event
+from gradwatch.contrib import Binding
 from gradwatch.history import History
-from gradwatch.norms import group_by_device_dtype, write_norms
+from gradwatch.incidents import Incident, Onset
+from gradwatch.plot import plot_incident
 
 __all__ = [
     "FlightRecorder",
     "Incident",
     "Onset",
-    "WeightMeter",
     "find_onsets",
     "format_incidents",
     "plot_incident",
-    "write_incident_file",
 ]
 
 #: event kinds that do not open an incident by default: routine with a GradScaler
 QUIET_KINDS = ("amp_overflow",)
-
-
-class Onset(NamedTuple):
-    """When one parameter's gradient norm left its recent level.
-
-    A named tuple ``(name, step, ratio)``: the parameter, the optimizer step of
-    the departure, and the norm at that step divided by its EMA over the rows
-    before (``> factor`` up, ``< 1/factor`` down; NaN or Inf for a non-finite norm).
-
-    Example:
-        >>> print(Onset("rnn.W", 3, 12.5))
-        rnn.W@3 (x12.5)
-    """
-
-    name: str
-    step: int
-    ratio: float
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.step} (x{self.ratio:.3g})"
-
-
-@dataclass
-class Incident:
-    """A full-resolution window of steps around an anomaly.
-
-    Attributes:
-        step: the step of the trigger (the event or mark that opened it).
-        kind: the trigger's kind (``"spike"``, ``"nonfinite"``, ... or ``"mark"``).
-        name: the parameter of the trigger (None for the global norm or a mark).
-        value: the trigger's value (a mark's ``value``, NaN if none was given).
-        threshold: the bound it crossed, or None.
-        history: a :class:`~gradwatch.History` of every step of the window
-            (``every=1`` resolution), with the window's events.
-        onset: :class:`Onset` per parameter that departed from its recent
-            level in the window, earliest first: ``incident.onset[:5]``.
-        reason: the reason given to :meth:`GradWatch.mark` (None for events).
-        merged: how many later triggers fell into this window and joined it.
-
-    Example:
-        >>> h = History(["w"]); h.append([4, 5, 6], [[1.0], [1.0], [9.0]])
-        >>> inc = Incident(6, "mark", None, math.nan, None, h, find_onsets(h), reason="loss spike")
-        >>> print(inc)
-        step 6: mark (loss spike); steps 4..6 (3 rows); onset: w@6 (x9)
-    """
-
-    step: int
-    kind: str
-    name: str | None
-    value: float
-    threshold: float | None
-    history: History
-    onset: list[Onset] = field(default_factory=list)
-    reason: str | None = None
-    merged: int = 0
-
-    @property
-    def start(self) -> int:
-        """The first step of the window (the trigger's step if the window is empty)."""
-        return int(self.history.steps[0]) if len(self.history) else self.step
-
-    @property
-    def end(self) -> int:
-        """The last step of the window (the trigger's step if the window is empty)."""
-        return int(self.history.steps[-1]) if len(self.history) else self.step
-
-    def __str__(self) -> str:
-        if self.kind == "mark":
-            what = f"mark ({self.reason})" if self.reason else "mark"
-            if not math.isnan(self.value):
-                what += f": value {self.value:.4g}"
-        else:
-            what = str(Event(self.step, self.kind, self.name, self.value, self.threshold)).split(": ", 1)[1]
-        more = f", {self.merged} more trigger(s) merged" if self.merged else ""
-        onset = ", ".join(map(str, self.onset[:5])) if self.onset else "none"
-        return (
-            f"step {self.step}: {what}; steps {self.start}..{self.end} ({len(self.history)} rows{more}); onset: {onset}"
-        )
 
 
 def find_onsets(history: History, factor: float = 3.0, alpha: float = 0.9, direction: str = "up") -> list[Onset]:
@@ -300,8 +216,11 @@ class FlightRecorder:
         """Rows the recorder holds on the host now (the ring of recent steps and the open incident's rows)."""
         return 0 if self._buf is None else len(self._buf)
 
-    def bind(self) -> None:
-        """Called by the watch that uses this recorder.
+    def bind(self, binding: Binding) -> None:
+        """Called by the watch that uses this recorder (the one ``bind`` of every contributor).
+
+        Args:
+            binding: the watched parameters; the recorder keeps their names.
 
         Raises:
             ValueError: the recorder already serves another watch.
@@ -387,37 +306,6 @@ class FlightRecorder:
         self.kept += 1
 
 
-# -- persistence (used by History.save/load) --------------------------------------------
-def incident_header(inc: Incident) -> dict[str, Any]:
-    """The JSON fields of an incident (its window is stored beside them as arrays)."""
-    return {
-        "step": int(inc.step),
-        "kind": str(inc.kind),
-        "name": None if inc.name is None else str(inc.name),
-        "value": float(inc.value),
-        "threshold": None if inc.threshold is None else float(inc.threshold),
-        "reason": inc.reason,
-        "merged": int(inc.merged),
-        "onset": [[o.name, int(o.step), float(o.ratio)] for o in inc.onset],
-    }
-
-
-def incident_from_header(d: dict[str, Any], history: History) -> Incident:
-    """The :class:`Incident` of :func:`incident_header`'s fields and its window."""
-    thr = d.get("threshold")
-    return Incident(
-        int(d["step"]),
-        str(d["kind"]),
-        d.get("name"),
-        float(d["value"]),
-        None if thr is None else float(thr),
-        history,
-        [Onset(str(n), int(s), float(r)) for n, s, r in d.get("onset", [])],
-        d.get("reason"),
-        int(d.get("merged", 0)),
-    )
-
-
 def format_incidents(h: History, top: int = 5) -> str:
     """The incidents of ``h`` as text, one paragraph each (what ``gradwatch incidents`` prints).
 
@@ -444,183 +332,3 @@ def format_incidents(h: History, top: int = 5) -> str:
         more = f" (+{len(inc.onset) - top} more)" if len(inc.onset) > top else ""
         lines.append(f"  started in: {shown}{more}")
     return "\n".join(lines)
-
-
-def plot_incident(
-    incident: Incident,
-    names: Sequence[str] | None = None,
-    ax: Any = None,
-    *,
-    top: int = 5,
-    log: bool = True,
-) -> Any:
-    """An incident's window: gradient norms per step, the trigger and the onsets marked.
-
-    Draws the pre-clip norm of the ``top`` earliest-onset parameters (or of
-    ``names``) and the global norm (grey), a vertical line at the trigger step,
-    and a dot at each drawn parameter's onset.
-
-    Args:
-        incident: the :class:`Incident`.
-        names: parameters to draw (default: the first ``top`` onsets, or the
-            first ``top`` parameters if none departed).
-        ax: an Axes to draw on (default: a new figure).
-        top: how many parameters by default, >= 1.
-        log: log-scale y axis (exact zeros are left out).
-
-    Returns:
-        The matplotlib Axes.
-
-    Raises:
-        KeyError: an unknown name.
-        ImportError: matplotlib is missing.
-
-    Example:
-        >>> import matplotlib; matplotlib.use("Agg")
-        >>> w = History(["a", "b"]); w.append(range(4), [[1, 1], [1, 1], [1, 9], [20, 90]])
-        >>> ax = plot_incident(Incident(3, "spike", None, 92.2, 10.0, w, find_onsets(w)))
-        >>> [line.get_label() for line in ax.lines[:3]]
-        ['b', 'a', 'global norm']
-    """
-    from gradwatch.plot import _axes, _pyplot
-
-    top = check_int(top, "top", min=1)
-    h = incident.history
-    if names is None:
-        names = [o.name for o in incident.onset[:top]] or h.names[:top]
-    names = list(names)
-    for n in names:
-        h[n]  # KeyError with the closest names
-    ax = _axes(ax)
-    _pyplot()
-    x = h.steps
-
-    def shown(y: np.ndarray) -> np.ndarray:
-        y = np.asarray(y, dtype=np.float64)
-        return np.where(y > 0, y, np.nan) if log else y
-
-    onset = {o.name: o for o in incident.onset}
-    for n in names:
-        (line,) = ax.plot(x, shown(h[n]), label=n, linewidth=1.4)
-        o = onset.get(n)
-        if o is not None and o.step in set(x.tolist()):
-            y = shown(h[n])[int(np.searchsorted(x, o.step))]
-            ax.scatter([o.step], [y], color=line.get_color(), s=40, zorder=4, edgecolor="black")
-    ax.plot(x, shown(h.total), color="0.5", linewidth=1.0, linestyle=":", label="global norm")
-    trig = incident.kind if incident.kind != "mark" else f"mark: {incident.reason or ''}".rstrip(": ")
-    ax.axvline(incident.step, color="crimson", linewidth=1.0, linestyle="--", label=f"trigger ({trig})")
-    ax.scatter([], [], color="white", edgecolor="black", s=40, label="onset")
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("gradient L2 norm")
-    ax.set_title(f"incident at step {incident.step}: steps {incident.start}..{incident.end}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return ax
-
-
-def write_incident_file(path: str | os.PathLike, history: History, mode: str = "w") -> None:
-    """Write ``history``'s incidents to ``path`` (a :meth:`History.save` file without rows), atomically.
-
-    This is the companion file ``<sink path>.incidents.npz`` that
-    :class:`~gradwatch.GradWatch` writes beside every file sink when incidents
-    complete; read it with ``History.load(path).incidents`` or ``gradwatch
-    incidents``. With ``mode="a"`` (a resumed run) the incidents already in the
-    file from before this run's first one are kept.
-    """
-    out = History(history.names, history.meta)
-    mine = list(history.incidents)
-    if mode == "a" and os.path.exists(path) and mine:
-        try:
-            old = History.load(path).incidents
-        except ValueError:
-            old = []
-        out.incidents = [i for i in old if i.step < mine[0].start]
-    out.incidents += mine
-    out.save(path)
-
-
-class WeightMeter:
-    """Parameter norms ``‖W_t‖`` and applied updates ``‖W_{t+1} - W_t‖``, fused and sync-free.
-
-    :meth:`norms` is one ``torch._foreach_norm`` per device and dtype.
-    With ``update=True`` the meter keeps one scratch copy of the parameters
-    (:attr:`nbytes`: their size, in their dtype): :meth:`snapshot` copies
-    ``W_t`` into it before the optimizer step (one ``_foreach_copy_``), and
-    :meth:`update` -- in the optimizer's post-step hook -- subtracts ``W_{t+1}``
-    in place and takes the norms of the difference (``_foreach_sub_`` and
-    ``_foreach_norm``). The subtraction is exact where ``W_t`` and ``W_{t+1}``
-    are within a factor 2 of each other (Sterbenz), the usual case.
-
-    Args:
-        params: the parameters, in model order.
-        update: keep the scratch copy for :meth:`update`.
-
-    Example:
-        >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
-        >>> opt = torch.optim.SGD([w], lr=0.1)
-        >>> meter, out = WeightMeter([w], update=True), torch.zeros(1)
-        >>> meter.norms(out)
-        tensor([5.])
-        >>> meter.snapshot(out); w.grad = torch.tensor([0.0, 10.0]); opt.step(); meter.update(opt, out)
-        tensor([1.])
-    """
-
-    def __init__(self, params: Sequence[Tensor], update: bool = False) -> None:
-        self.params = list(params)
-        self._groups = group_by_device_dtype(self.params)
-        self._index: dict[tuple[int, ...], Tensor] = {}
-        self._views: list[Tensor] = []
-        self._subsets: dict[int, tuple[int, dict]] = {}
-        self.nbytes = 0
-        if update:
-            views: list[Tensor | None] = [None] * len(self.params)
-            for (device, dtype), (tensors, positions) in self._groups.items():
-                flat = torch.empty(sum(t.numel() for t in tensors), device=device, dtype=dtype)
-                self.nbytes += flat.numel() * flat.element_size()
-                offset = 0
-                for t, i in zip(tensors, positions):
-                    views[i] = flat[offset : offset + t.numel()].view(t.shape)
-                    offset += t.numel()
-            self._views = [v for v in views if v is not None]
-
-    def _index_of(self, positions: list[int]) -> Tensor:
-        key = tuple(positions)
-        if key not in self._index:
-            self._index[key] = torch.tensor(positions, device=self.params[0].device)
-        return self._index[key]
-
-    @torch.no_grad()
-    def norms(self, out: Tensor) -> Tensor:
-        """Write ``‖W‖`` of every parameter into ``out`` (``[P]``); returns it."""
-        return write_norms(out, self._groups, 2.0, self._index_of)
-
-    @torch.no_grad()
-    def snapshot(self, out: Tensor) -> None:
-        """Copy the parameters into the scratch buffer and fill ``out`` (the update column) with NaN."""
-        out.fill_(math.nan)
-        for tensors, positions in self._groups.values():
-            torch._foreach_copy_([self._views[i] for i in positions], tensors)
-
-    def _subset(self, optimizer: torch.optim.Optimizer) -> dict:
-        """``{(device, dtype): (scratch views, params, positions)}`` of the watched parameters ``optimizer`` steps."""
-        cached = self._subsets.get(id(optimizer))
-        if cached is not None and cached[0] == len(optimizer.param_groups):
-            return cached[1]
-        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        groups: dict = {}
-        for key, (tensors, positions) in self._groups.items():
-            pick = [(t, i) for t, i in zip(tensors, positions) if id(t) in ids]
-            if pick:
-                groups[key] = ([self._views[i] for _, i in pick], [t for t, _ in pick], [i for _, i in pick])
-        self._subsets[id(optimizer)] = (len(optimizer.param_groups), groups)
-        return groups
-
-    @torch.no_grad()
-    def update(self, optimizer: torch.optim.Optimizer, out: Tensor) -> Tensor:
-        """After ``optimizer``'s step: ``‖W_{t+1} - W_t‖`` of its parameters into ``out``; returns it."""
-        groups = self._subset(optimizer)
-        for views, params, _ in groups.values():
-            torch._foreach_sub_(views, params)
-        return write_norms(out, {k: (v, pos) for k, (v, _, pos) in groups.items()}, 2.0, self._index_of)

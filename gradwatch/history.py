@@ -10,14 +10,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from gradwatch.detect import Event
-
-if TYPE_CHECKING:
-    from gradwatch.forensics import Incident
+from gradwatch.incidents import Incident, incident_from_header, incident_header
 
 __all__ = ["History"]
 
@@ -30,6 +28,8 @@ _OPTIONAL = ("norms_clipped", "grad_missing", *_SCALARS[1:], "taps", "param_norm
 #: the ``[S, P]`` columns
 _MATRICES = ("norms", "norms_clipped", "grad_missing", "param_norms", "update_norms")
 _FORMAT = 2
+#: the store key of a statistic: ``History.stats["noise.b_simple"]`` is stored as ``"stats/noise.b_simple"``
+_STAT = "stats/"
 _GROWTH = 1.25  # capacity factor: amortised O(1) appends, at most 25 % slack
 
 
@@ -83,7 +83,8 @@ class History:
     ``.grad`` was None at a step is recorded with norm 0 and flagged in
     ``grad_missing``; NaN and Inf are kept as they were. With a
     :class:`~gradwatch.FlightRecorder`, :attr:`incidents` holds the full-resolution
-    windows around anomalies.
+    windows around anomalies. The columns of statistics (``GradWatch(stats=[...])``)
+    are in :attr:`stats`, keyed ``"<prefix>.<column>"``.
 
     History is append-only: :meth:`append` and :meth:`extend` add rows (in
     amortised constant time per row), and reading a column returns a read-only
@@ -154,6 +155,7 @@ class History:
         param_norms: np.ndarray | None = None,
         update_norms: np.ndarray | None = None,
         taps: dict[str, np.ndarray] | None = None,
+        stats: dict[str, np.ndarray] | None = None,
         events: Sequence[Event] = (),
     ) -> None:
         """Add rows (copied); omitted columns take their "nothing happened" values.
@@ -167,10 +169,13 @@ class History:
             steps: ``[n]`` step indices.
             norms: ``[n, P]`` pre-clip norms.
             taps: ``{name: [n]}`` tapped-tensor gradient norms.
+            stats: ``{"<prefix>.<column>": [n] or [n, w]}`` columns of statistics
+                (rows without a statistic read NaN in it; a wider ``w`` than
+                before widens the column, padding with NaN).
             events: events of these rows.
 
         Raises:
-            ValueError: a column's shape does not match.
+            ValueError: a column's shape does not match, or a statistic's name has no dot.
         """
         norms = np.asarray(norms)
         if norms.dtype.kind != "f":
@@ -199,6 +204,8 @@ class History:
             want = (n, P) if key in _MATRICES else (n,)
             if value.shape != want:
                 raise ValueError(f"{key} must have shape {want}, got {value.shape}")
+        for name, value in (stats or {}).items():
+            cols[_STAT + _stat_name(name)] = _stat_column(name, value, n)
         if not len(self._cols.arrays):
             self._dtype = norms.dtype
         self._write(cols, dict(taps or {}))
@@ -238,8 +245,13 @@ class History:
         for key in ("steps", "norms", "total"):
             if key not in store.arrays:
                 store.add(key, (P,) if key == "norms" else (), np.int64 if key == "steps" else self._dtype, 0)
-        for key in cols:
-            if key not in store.arrays:  # first time given: earlier rows get their default
+        for key, value in cols.items():
+            if key.startswith(_STAT):
+                if key not in store.arrays:
+                    store.add(key, value.shape[1:], value.dtype, np.nan)
+                elif value.ndim == 2:
+                    store.widen(key, value.shape[1], np.nan)
+            elif key not in store.arrays:  # first time given: earlier rows get their default
                 tail = (P,) if key in _MATRICES else ()
                 store.add(key, tail, bool if key == "grad_missing" else self._dtype, 0)
                 self._fill_default(key, slice(0, store.n))
@@ -257,7 +269,11 @@ class History:
                 for name, col in taps.items():
                     a[rows, self.tap_names.index(name)] = col
             elif key in cols:
-                a[rows] = cols[key]
+                if key.startswith(_STAT) and a.ndim == 2 and cols[key].shape[1] < a.shape[1]:
+                    a[rows] = np.nan  # a narrower block of a widened statistic: NaN-padded
+                    a[rows, : cols[key].shape[1]] = cols[key]
+                else:
+                    a[rows] = cols[key]
             else:
                 self._fill_default(key, rows, cols)
         store.n += n
@@ -265,7 +281,9 @@ class History:
     def _fill_default(self, key: str, rows: slice, cols: dict[str, np.ndarray] | None = None) -> None:
         """Write ``key``'s "nothing happened" value into ``rows`` (from ``cols`` if they are the new rows)."""
         a = self._cols.arrays
-        if key in ("norms_clipped", "total_clipped"):
+        if key.startswith(_STAT):
+            a[key][rows] = np.nan
+        elif key in ("norms_clipped", "total_clipped"):
             src = key.removesuffix("_clipped")
             a[key][rows] = cols[src] if cols is not None else a[src][rows]
         else:
@@ -350,11 +368,28 @@ class History:
         out.flags.writeable = False
         return out
 
+    @property
+    def stats(self) -> dict[str, np.ndarray]:
+        """The statistics' columns: ``{"<prefix>.<column>": [S] or [S, w]}`` (NaN where a row has no value).
+
+        Filled by ``GradWatch(stats=[...])`` contributors (see
+        :class:`~gradwatch.Contributor`), saved and loaded with the history,
+        and written and read back by the CSV and JSONL sinks. The arrays are
+        read-only views; the dict is new on each access.
+
+        Example:
+            >>> h = History(["w"]); h.append([0, 1], [[1.0], [2.0]], stats={"noise.b_simple": [np.nan, 12.5]})
+            >>> h.stats["noise.b_simple"].tolist()
+            [nan, 12.5]
+        """
+        store = self._cols
+        return {k[len(_STAT) :]: store.view(k) for k in store.arrays if k.startswith(_STAT)}
+
     def __len__(self) -> int:
         return self._cols.n
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """The pre-clip norm column of parameter ``name`` (or of a tapped tensor).
+        """The pre-clip norm column of parameter ``name`` (or of a tapped tensor, or a statistic's column).
 
         Raises:
             KeyError: unknown name; the message lists the closest names.
@@ -363,7 +398,9 @@ class History:
             return self.norms[:, self.names.index(name)]
         if name in self.tap_names:
             return self.taps[:, self.tap_names.index(name)]
-        close = difflib.get_close_matches(str(name), self.names + self.tap_names, n=5, cutoff=0.4)
+        if _STAT + str(name) in self._cols.arrays:
+            return self._cols.view(_STAT + name)
+        close = difflib.get_close_matches(str(name), self.names + self.tap_names + list(self.stats), n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; names are {self.names[:10]}"
         raise KeyError(f"no parameter named {name!r} in this history{hint}")
 
@@ -457,6 +494,7 @@ class History:
                 norms_clipped=l2(self.norms_clipped),
                 grad_missing=missing,
                 taps={name: self.taps[:, j] for j, name in enumerate(self.tap_names)},
+                stats=self.stats,
                 **{k: self._col(k) for k in _SCALARS},
                 **weights,
             )
@@ -521,8 +559,6 @@ class History:
                 cannot hold, e.g. an optimizer or a tensor of several
                 elements; the message names the key. Nothing is written then.
         """
-        from gradwatch.forensics import incident_header
-
         for key, value in self.meta.items():
             _check_meta_value(key, value)
         header, arrays = self._payload()
@@ -563,8 +599,6 @@ class History:
             raise ValueError(f"{os.fspath(path)!r} is not a gradwatch history (.npz written by History.save)") from exc
         h = cls._from_payload(header, arrays)
         if header.get("incidents"):
-            from gradwatch.forensics import incident_from_header
-
             for i, d in enumerate(header["incidents"]):
                 prefix = f"incident.{i}."
                 cols = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
@@ -594,12 +628,31 @@ class History:
             tap_names = list(header.get("tap_names", []))
             taps = arrays.get("taps", np.zeros((len(arrays["steps"]), 0)))
             kw = {k: v for k, v in arrays.items() if k in COLUMNS and k not in ("steps", "norms", "taps")}
-            h.append(arrays["steps"], arrays["norms"], taps={n: taps[:, j] for j, n in enumerate(tap_names)}, **kw)
+            stats = {k[len(_STAT) :]: v for k, v in arrays.items() if k.startswith(_STAT)}
+            taps = {n: taps[:, j] for j, n in enumerate(tap_names)}
+            h.append(arrays["steps"], arrays["norms"], taps=taps, stats=stats, **kw)
         h.tap_names = list(header.get("tap_names", []))
         h.events = [
             Event(int(s), k, n, float(v), None if t is None else float(t)) for s, k, n, v, t in header["events"]
         ]
         return h
+
+
+def _stat_name(name: Any) -> str:
+    """A statistic's key: ``"<prefix>.<column>"``."""
+    if not isinstance(name, str) or "." not in name.strip("."):
+        raise ValueError(f"stats keys must be '<prefix>.<column>' strings (e.g. 'noise.b_simple'), got {name!r}")
+    return name
+
+
+def _stat_column(name: str, value: Any, n: int) -> np.ndarray:
+    """A statistic's ``[n]`` or ``[n, w]`` float column."""
+    a = np.asarray(value)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    if a.ndim not in (1, 2) or a.shape[0] != n:
+        raise ValueError(f"stats[{name!r}] must have shape ({n},) or ({n}, width), got {a.shape}")
+    return a
 
 
 def _opt_float(x: Any) -> float | None:

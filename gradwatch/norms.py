@@ -28,14 +28,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from gradwatch._compat import foreach_norm
+from gradwatch._compat import foreach_copy_, foreach_norm, foreach_sub_
 from gradwatch._validate import check_float
+from gradwatch.contrib import Binding, Contributor, StepView
 
 __all__ = [
     "HOOK_MIN_NUMEL",
     "MODES",
     "NormMeter",
     "ReadyOrder",
+    "WeightMeter",
+    "WeightNorms",
+    "accumulation_dtype",
     "grad_norms",
     "group_by_device_dtype",
     "sparse_values",
@@ -105,8 +109,13 @@ def check_norm_type(norm_type: float) -> float:
     return check_float(norm_type, "norm_type", min=0, min_open=True, allow_inf=True)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype | None:
-    """Half precision is reduced in float32 (as ``vector_norm(dtype=float32)``)."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a norm of ``dtype`` values is accumulated in: float32 for half precision, else None (its own).
+
+    Example:
+        >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float32)
+        (torch.float32, None)
+    """
     return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else None
 
 
@@ -131,7 +140,7 @@ def write_norms(
         ``out``.
     """
     for (_, dtype), (tensors, positions) in groups.items():
-        acc = _acc(dtype)
+        acc = accumulation_dtype(dtype)
         norms = foreach_norm(tensors, norm_type, dtype=acc)
         if len(positions) == out.numel() and (acc or dtype) == out.dtype and norms[0].device == out.device:
             torch.stack(norms, out=out)  # positions are 0..P-1: the common one-group case
@@ -163,7 +172,7 @@ def split_sparse(tensors: Sequence[Tensor | None]) -> tuple[list[Tensor | None],
 def write_sparse_norms(out: Tensor, sparse: list[tuple[int, Tensor]], norm_type: float = 2.0) -> Tensor:
     """Write the norms of sparse gradients (``nn.Embedding(sparse=True)``) into ``out``, one call each."""
     for i, t in sparse:
-        out[i] = torch.linalg.vector_norm(sparse_values(t), norm_type, dtype=_acc(t.dtype))
+        out[i] = torch.linalg.vector_norm(sparse_values(t), norm_type, dtype=accumulation_dtype(t.dtype))
     return out
 
 
@@ -285,30 +294,24 @@ class NormMeter(ReadyOrder):
         self.hooked = [mode == "hook" or (mode == "auto" and p.numel() >= HOOK_MIN_NUMEL) for p in self.params]
         self._hooked_idx = [i for i in range(P) if self.hooked[i]]
         self._fused_idx = [i for i in range(P) if not self.hooked[i]]
-        self._index: dict[tuple[int, ...], Tensor] = {}
+        self._index_of = IndexCache(device)
         self.hot = True
         super().__init__(P)
         if self._hooked_idx or track_order:
             self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
-    def _index_of(self, positions: list[int]) -> Tensor:
-        key = tuple(positions)
-        if key not in self._index:
-            self._index[key] = torch.tensor(positions, device=self.device)
-        return self._index[key]
-
     def _square_into(self, i: int, g: Tensor) -> None:
         """Write ``‖g‖²`` of parameter ``i``'s gradient into its slot (any dtype, layout or graph)."""
         out = self._sq_views[i]
         g = sparse_values(g).detach()  # create_graph=True gradients are part of a graph
-        if g.dtype.is_floating_point and not _acc(g.dtype):
+        if g.dtype.is_floating_point and not accumulation_dtype(g.dtype):
             flat = g.reshape(-1)
             if g.dtype == self.dtype and g.device == self.device:
                 torch.dot(flat, flat, out=out)  # reads at memory speed, while the gradient is in cache
             else:  # e.g. the model was converted to float64 after the watch was built
                 out.copy_(torch.dot(flat, flat))
         else:  # half precision (accumulated in float32), complex
-            out.copy_(torch.linalg.vector_norm(g, dtype=_acc(g.dtype)).square())
+            out.copy_(torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.dtype)).square())
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
         hooked = self.hooked[i]
@@ -343,3 +346,150 @@ class NormMeter(ReadyOrder):
         if missing:
             out.index_fill_(0, self._index_of(missing), 0.0)
         return out
+
+    def total(self, norms: Tensor, out: Tensor | None = None) -> Tensor:
+        """The global L2 norm of :meth:`measure`'s norms (written into ``out`` when given)."""
+        return torch.linalg.vector_norm(norms, out=out) if out is not None else torch.linalg.vector_norm(norms)
+
+
+class IndexCache:
+    """Index tensors of parameter positions on one device, built once per distinct set of positions."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cache: dict[tuple[int, ...], Tensor] = {}
+
+    def __call__(self, positions: list[int]) -> Tensor:
+        key = tuple(positions)
+        idx = self._cache.get(key)
+        if idx is None:
+            idx = self._cache[key] = torch.tensor(positions, device=self.device)
+        return idx
+
+
+class WeightMeter:
+    """Parameter norms ``‖W_t‖`` and applied updates ``‖W_{t+1} - W_t‖``, fused and sync-free.
+
+    :meth:`norms` is one ``torch._foreach_norm`` per device and dtype.
+    With ``update=True`` the meter keeps one scratch copy of the parameters
+    (:attr:`nbytes`: their size, in their dtype): :meth:`snapshot` copies
+    ``W_t`` into it before the optimizer step (one ``_foreach_copy_``), and
+    :meth:`update` -- in the optimizer's post-step hook -- subtracts ``W_{t+1}``
+    in place and takes the norms of the difference (``_foreach_sub_`` and
+    ``_foreach_norm``). The subtraction is exact where ``W_t`` and ``W_{t+1}``
+    are within a factor 2 of each other (Sterbenz), the usual case.
+
+    Args:
+        params: the parameters, in model order.
+        update: keep the scratch copy for :meth:`update`.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> meter, out = WeightMeter([w], update=True), torch.zeros(1)
+        >>> meter.norms(out)
+        tensor([5.])
+        >>> meter.snapshot(); w.grad = torch.tensor([0.0, 10.0]); opt.step(); meter.update(opt, out)
+        tensor([1.])
+    """
+
+    def __init__(self, params: Sequence[Tensor], update: bool = False) -> None:
+        self.params = list(params)
+        self._groups = group_by_device_dtype(self.params)
+        self._index = IndexCache(self.params[0].device)
+        self._views: list[Tensor] = []
+        self._subsets: dict[int, tuple[int, dict]] = {}
+        self.nbytes = 0
+        if update:
+            views: list[Tensor | None] = [None] * len(self.params)
+            for (device, dtype), (tensors, positions) in self._groups.items():
+                flat = torch.empty(sum(t.numel() for t in tensors), device=device, dtype=dtype)
+                self.nbytes += flat.numel() * flat.element_size()
+                offset = 0
+                for t, i in zip(tensors, positions):
+                    views[i] = flat[offset : offset + t.numel()].view(t.shape)
+                    offset += t.numel()
+            self._views = [v for v in views if v is not None]
+
+    @torch.no_grad()
+    def norms(self, out: Tensor) -> Tensor:
+        """Write ``‖W‖`` of every parameter into ``out`` (``[P]``); returns it."""
+        return write_norms(out, self._groups, 2.0, self._index)
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copy the parameters ``W_t`` into the scratch buffer."""
+        for tensors, positions in self._groups.values():
+            foreach_copy_([self._views[i] for i in positions], tensors)
+
+    def _subset(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``{(device, dtype): (scratch views, params, positions)}`` of the watched parameters ``optimizer`` steps."""
+        cached = self._subsets.get(id(optimizer))
+        if cached is not None and cached[0] == len(optimizer.param_groups):
+            return cached[1]
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        groups: dict = {}
+        for key, (tensors, positions) in self._groups.items():
+            pick = [(t, i) for t, i in zip(tensors, positions) if id(t) in ids]
+            if pick:
+                groups[key] = ([self._views[i] for _, i in pick], [t for t, _ in pick], [i for _, i in pick])
+        self._subsets[id(optimizer)] = (len(optimizer.param_groups), groups)
+        return groups
+
+    @torch.no_grad()
+    def update(self, optimizer: torch.optim.Optimizer, out: Tensor) -> Tensor:
+        """After ``optimizer``'s step: ``‖W_{t+1} - W_t‖`` of its parameters into ``out``; returns it."""
+        groups = self._subset(optimizer)
+        for views, params, _ in groups.values():
+            foreach_sub_(views, params)
+        return write_norms(out, {k: (v, pos) for k, (v, _, pos) in groups.items()}, 2.0, self._index)
+
+
+class WeightNorms(Contributor):
+    """The contributor of ``GradWatch(param_norms=True, update_ratio=...)``: ``‖W_t‖`` and ``‖W_{t+1} - W_t‖``.
+
+    ``‖W_t‖`` is measured at the step, before the optimizer updates the
+    weights; with ``update=True`` the update is measured in each attached
+    optimizer's post-step hook (:meth:`after_optimizer_step`) and written into
+    the step's row in place (NaN until then, and for parameters no attached
+    optimizer stepped). Stored as ``History.param_norms`` and
+    ``History.update_norms``.
+
+    Args:
+        update: also measure the applied update (one scratch copy of the parameters).
+    """
+
+    prefix = "weights"
+
+    def __init__(self, update: bool = False) -> None:
+        self.update = update
+        self._late: Tensor | None = None
+
+    def bind(self, binding: Binding) -> None:
+        super().bind(binding)
+        self.meter = WeightMeter(binding.params, update=self.update)
+        P = len(binding.params)
+        self._norms = torch.zeros(P, device=binding.device, dtype=binding.dtype)
+        self._nan = torch.full((P,), float("nan"), device=binding.device, dtype=binding.dtype)
+
+    def columns(self) -> dict[str, int]:
+        P = len(self.binding.params)
+        return {"param_norms": P, "update_norms": P} if self.update else {"param_norms": P}
+
+    def observe(self, view: StepView) -> dict[str, Tensor]:
+        values = {"param_norms": self.meter.norms(self._norms)}
+        if self.update:  # W_t, for the optimizer's post-step hook
+            self.meter.snapshot()
+            self._late = view.row[f"{self.prefix}.update_norms"]
+            values["update_norms"] = self._nan
+        return values
+
+    def to_history(self, cols: dict) -> dict:
+        return {"param_norms": cols["param_norms"], **({"update_norms": cols["update_norms"]} if self.update else {})}
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._late is not None:
+            self.meter.update(optimizer, self._late)
+
+    def __repr__(self) -> str:
+        return f"WeightNorms(update={self.update})"

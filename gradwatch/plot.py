@@ -13,15 +13,27 @@ legend says so.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from gradwatch._validate import check_choice
+from gradwatch._validate import check_choice, check_int
 from gradwatch.history import History
+from gradwatch.incidents import Incident
 
-__all__ = ["plot_clipping", "plot_compare", "plot_heatmap", "plot_norms", "plot_taps"]
+__all__ = [
+    "plot_clipping",
+    "plot_compare",
+    "plot_heatmap",
+    "plot_incident",
+    "plot_norms",
+    "plot_stats",
+    "plot_stats_heatmap",
+    "plot_taps",
+    "pyplot",
+]
 
 _INSTALL = (
     "gradwatch plotting needs matplotlib: pip install matplotlib "
@@ -33,7 +45,12 @@ _EVENT_MARKERS = {"vanishing": "v", "spike": "^", "threshold": "x", "nonfinite":
 _LEGEND_INSIDE_MAX = 8
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot``, imported on first use.
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+    """
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -44,7 +61,7 @@ def _pyplot():
 def _axes(ax):
     if ax is not None:
         return ax
-    plt = _pyplot()
+    plt = pyplot()
     _, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     return ax
 
@@ -233,7 +250,7 @@ def plot_heatmap(
         >>> ax.images[0].get_array().shape
         (2, 2)
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
     ax = _axes(ax)
@@ -399,3 +416,170 @@ def plot_taps(
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize="x-small", rotation=90 if len(names) > 12 else 0)
     return _finish(ax, log, xlabel=None, extra=_zero_key(floor))
+
+
+def plot_incident(
+    incident: Incident,
+    names: Sequence[str] | None = None,
+    ax: Any = None,
+    *,
+    top: int = 5,
+    log: bool = True,
+) -> Any:
+    """An incident's window: gradient norms per step, the trigger and the onsets marked.
+
+    Draws the pre-clip norm of the ``top`` earliest-onset parameters (or of
+    ``names``) and the global norm (grey), a vertical line at the trigger step,
+    and a dot at each drawn parameter's onset.
+
+    Args:
+        incident: the :class:`Incident`.
+        names: parameters to draw (default: the first ``top`` onsets, or the
+            first ``top`` parameters if none departed).
+        ax: an Axes to draw on (default: a new figure).
+        top: how many parameters by default, >= 1.
+        log: log-scale y axis (exact zeros are left out).
+
+    Returns:
+        The matplotlib Axes.
+
+    Raises:
+        KeyError: an unknown name.
+        ImportError: matplotlib is missing.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg")
+        >>> from gradwatch import Incident, find_onsets
+        >>> w = History(["a", "b"]); w.append(range(4), [[1, 1], [1, 1], [1, 9], [20, 90]])
+        >>> ax = plot_incident(Incident(3, "spike", None, 92.2, 10.0, w, find_onsets(w)))
+        >>> [line.get_label() for line in ax.lines[:3]]
+        ['b', 'a', 'global norm']
+    """
+    top = check_int(top, "top", min=1)
+    h = incident.history
+    if names is None:
+        names = [o.name for o in incident.onset[:top]] or h.names[:top]
+    names = list(names)
+    for n in names:
+        h[n]  # KeyError with the closest names
+    ax = _axes(ax)
+    x = h.steps
+
+    def shown(y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float64)
+        return np.where(y > 0, y, np.nan) if log else y
+
+    onset = {o.name: o for o in incident.onset}
+    for n in names:
+        (line,) = ax.plot(x, shown(h[n]), label=n, linewidth=1.4)
+        o = onset.get(n)
+        if o is not None and o.step in set(x.tolist()):
+            y = shown(h[n])[int(np.searchsorted(x, o.step))]
+            ax.scatter([o.step], [y], color=line.get_color(), s=40, zorder=4, edgecolor="black")
+    ax.plot(x, shown(h.total), color="0.5", linewidth=1.0, linestyle=":", label="global norm")
+    trig = incident.kind if incident.kind != "mark" else f"mark: {incident.reason or ''}".rstrip(": ")
+    ax.axvline(incident.step, color="crimson", linewidth=1.0, linestyle="--", label=f"trigger ({trig})")
+    ax.scatter([], [], color="white", edgecolor="black", s=40, label="onset")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title(f"incident at step {incident.step}: steps {incident.start}..{incident.end}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return ax
+
+
+def plot_stats(
+    h: History,
+    names: Sequence[str] | None = None,
+    ax: Any = None,
+    *,
+    log: bool = False,
+    reduce: str = "max",
+) -> Any:
+    """The columns of statistics (``History.stats``) over the steps, one line each.
+
+    A ``[S]`` column is drawn as it is; a ``[S, w]`` column (e.g. one value per
+    example) is drawn as its per-step ``reduce`` over the ``w`` values (NaN
+    left out). Use :func:`plot_stats_heatmap` for the whole matrix.
+
+    Args:
+        h: a history with statistics (``GradWatch(stats=[...])``).
+        names: the columns (``"<prefix>.<column>"``); default: all.
+        ax: an Axes to draw on (default: a new figure).
+        log: log-scale y axis.
+        reduce: ``"max"``, ``"mean"`` or ``"median"`` for ``[S, w]`` columns.
+
+    Returns:
+        The matplotlib Axes.
+
+    Raises:
+        KeyError: a name that is not a statistic of ``h`` (the message lists them).
+        ValueError: an unknown ``reduce``.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg")
+        >>> h = History(["w"]); h.append([0, 1], [[1.0], [2.0]], stats={"noise.b_simple": [3.0, 4.0]})
+        >>> ax = plot_stats(h, ["noise.b_simple"])
+        >>> ax.lines[0].get_ydata().tolist()
+        [3.0, 4.0]
+    """
+    check_choice(reduce, "reduce", ("max", "mean", "median"))
+    stats = h.stats
+    names = list(stats) if names is None else list(names)
+    for n in names:
+        if n not in stats:
+            raise KeyError(f"no statistic named {n!r} in this history; statistics are {sorted(stats)}")
+    ax = _axes(ax)
+    for n in names:
+        y = np.asarray(stats[n], dtype=np.float64)
+        label = n
+        if y.ndim == 2:
+            fn = {"max": np.nanmax, "mean": np.nanmean, "median": np.nanmedian}[reduce]
+            with warnings.catch_warnings():  # all-NaN rows (no value that step) stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                y = fn(y, axis=1) if y.shape[1] else np.full(len(y), np.nan)
+            label = f"{n} ({reduce})"
+        ax.plot(h.steps, y, label=label, linewidth=1.2)
+    return _finish(ax, log, ylabel="value" if len(names) != 1 else names[0])
+
+
+def plot_stats_heatmap(h: History, name: str, ax: Any = None, *, log: bool = True) -> Any:
+    """A ``[S, w]`` statistic (e.g. ``"example.norm"``) as an image: steps across, its ``w`` entries down.
+
+    Args:
+        h: a history with the statistic.
+        name: the ``[S, w]`` column of ``History.stats``.
+        ax: an Axes to draw on.
+        log: colour by ``log10`` of the value (non-positive values blank).
+
+    Returns:
+        The matplotlib Axes.
+
+    Raises:
+        KeyError: ``name`` is not a statistic of ``h``.
+        ValueError: the statistic is one number per step.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg")
+        >>> h = History(["w"]); h.append([0, 1], [[1.0], [2.0]], stats={"example.norm": [[1.0, 2.0], [3.0, np.nan]]})
+        >>> plot_stats_heatmap(h, "example.norm").images[0].get_array().shape
+        (2, 2)
+    """
+    stats = h.stats
+    if name not in stats:
+        raise KeyError(f"no statistic named {name!r} in this history; statistics are {sorted(stats)}")
+    m = np.asarray(stats[name], dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"{name!r} holds one number per step: draw it with plot_stats")
+    ax = _axes(ax)
+    with np.errstate(all="ignore"):
+        shown = np.where(m > 0, np.log10(m), np.nan) if log else m
+    steps = h.steps
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, m.shape[1] - 0.5, -0.5) if len(steps) else None
+    im = ax.imshow(shown.T, aspect="auto", interpolation="nearest", extent=extent)
+    ax.figure.colorbar(im, ax=ax, label=f"log10 {name}" if log else name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("index")
+    return ax

@@ -31,7 +31,7 @@ import math
 import os
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,8 @@ _MODES = ("x", "w", "a")
 _CSV_FIXED = ["step", "total", "total_clipped", "clip_coef"]
 #: History columns that the CSV and JSONL files do not hold: unknown when read back, not "nothing happened".
 _NOT_IN_FILES = ("norms_clipped", "grad_missing", "clip_threshold", "scale", "taps", "param_norms", "update_norms")
+#: the header prefix of a statistic's CSV column: ``stats:noise.b_simple``, ``stats:example.norm[3]``
+_STAT_COL = "stats:"
 _BLOCK = 1 << 20  # bytes read at a time by the readers
 
 _OPEN_SINKS: weakref.WeakSet[Sink] = weakref.WeakSet()
@@ -187,6 +189,8 @@ class _FileSink(Sink):
         self.mode: FileMode = check_choice(mode, "mode", _MODES)
         self._file: io.TextIOWrapper | None = None
         self._meta: dict[str, Any] = {}
+        self._stats: dict[str, int] = {}  # the statistics' columns and widths (0: one number a step)
+        self._incidents: list[Any] = []  # every incident of this run, for the companion file
         self._resume_after: int | None = None  # mode "a": the last step already in the file
         if _rank() == 0:  # now, before the watch opens any sink's file, and again at open(); other ranks
             self._check_new()  # do not open file sinks by default, and rank 0 may have created the file already
@@ -209,6 +213,7 @@ class _FileSink(Sink):
             raise RuntimeError(f"{type(self).__name__}({str(self.path)!r}) is already open: use one sink per watch")
         super().open(names, meta)
         self._meta = dict(meta)
+        self._stats = stat_widths(meta)
         p = self.path
         nonempty = self._check_new()
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +241,9 @@ class _FileSink(Sink):
                 )
             self._resume_after = None
         super().write(chunk)
+        if chunk.incidents:
+            self._incidents += chunk.incidents
+            _write_incident_file(Path(f"{self.path}.incidents.npz"), chunk, self._incidents, self.mode)
 
     @abstractmethod
     def _header_line(self) -> str: ...
@@ -291,7 +299,12 @@ class CSVSink(_FileSink):
     """
 
     def _header(self) -> list[str]:
-        return [*_CSV_FIXED, *self.names]
+        stats = [
+            _STAT_COL + name if w == 0 else f"{_STAT_COL}{name}[{i}]"
+            for name, w in self._stats.items()
+            for i in range(max(w, 1))
+        ]
+        return [*_CSV_FIXED, *self.names, *stats]
 
     def _header_line(self) -> str:
         buf = io.StringIO()
@@ -329,7 +342,8 @@ class CSVSink(_FileSink):
         return None
 
     def _write(self, chunk: History) -> None:
-        cols = np.column_stack([chunk.total, chunk.total_clipped, chunk.clip_coef, chunk.norms])
+        stats = _stat_block(chunk, self._stats)
+        cols = np.column_stack([chunk.total, chunk.total_clipped, chunk.clip_coef, chunk.norms, *stats])
         out = [f"{step}," + ",".join(map(repr, row)) + "\r\n" for step, row in zip(chunk.steps.tolist(), cols.tolist())]
         self._file.write("".join(out))
         self._file.flush()
@@ -428,6 +442,10 @@ class JSONLSink(_FileSink):
             rec["clip_coef"] = _num(coef)
             rec["norms"] = {n: _num(v) for n, v in zip(names, norms)}
             lines.append(rec)
+        if self._stats:
+            stats = chunk.stats
+            for r, rec in enumerate(lines):
+                rec["stats"] = {k: _num_or_list(stats[k][r]) for k in self._stats if k in stats}
         for e in chunk.events:
             lines.append(
                 {
@@ -638,11 +656,28 @@ def read_csv(path: str | os.PathLike) -> History:
                 values = values.astype(np.float64)
             values[n : n + k] = v
             n += k
-    h = History(header[4:], {"source": src, "source_format": "csv"}, unknown=_NOT_IN_FILES)
+    names = [c for c in header[4:] if not c.startswith(_STAT_COL)]
+    h = History(names, {"source": src, "source_format": "csv"}, unknown=_NOT_IN_FILES)
     if n:
         v = values[:n]
-        h.append(steps[:n], v[:, 3:], total=v[:, 0], total_clipped=v[:, 1], clip_coef=v[:, 2])
+        P = len(names)
+        stats = _stats_of_columns(header[4 + P :], v[:, 3 + P :])
+        h.append(steps[:n], v[:, 3 : 3 + P], total=v[:, 0], total_clipped=v[:, 1], clip_coef=v[:, 2], stats=stats)
     return h
+
+
+def _stats_of_columns(header: list[str], values: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of a CSV's ``stats:`` columns: ``name`` -> ``[n]``, ``name[i]`` -> column i of ``[n, w]``."""
+    out: dict[str, list[np.ndarray]] = {}
+    scalar: set[str] = set()
+    for j, col in enumerate(header):
+        name = col[len(_STAT_COL) :]
+        if name.endswith("]") and "[" in name:
+            out.setdefault(name[: name.rindex("[")], []).append(values[:, j])
+        else:
+            out[name] = [values[:, j]]
+            scalar.add(name)
+    return {k: cols[0] if k in scalar else np.stack(cols, axis=1) for k, cols in out.items()}
 
 
 def _parse_csv_block(lines: list[bytes], width: int, lineno: int, src: str) -> np.ndarray:
@@ -721,6 +756,7 @@ def read_jsonl(path: str | os.PathLike) -> History:
         scal = np.empty((cap, 3), np.float64)
         norms = np.empty((cap, len(names)), np.float64)
         events: list[Event] = []
+        stats: dict[str, list[Any]] = {}
         n = 0
         for lineno, lines in _complete_lines(f):
             for k, line in enumerate(lines):
@@ -737,7 +773,11 @@ def read_jsonl(path: str | os.PathLike) -> History:
                         scal[n] = (_unnum(rec["total"]), _unnum(rec["total_clipped"]), _unnum(rec["clip_coef"]))
                         norms[n] = row
                         steps[n] = step
+                        for key, value in rec.get("stats", {}).items():
+                            stats.setdefault(key, [math.nan] * n).append(_unnum_or_list(value))
                         n += 1
+                        for column in stats.values():  # a statistic this row did not hold
+                            column.extend([math.nan] * (n - len(column)))
                     elif kind == "event":
                         thr = rec["threshold"]
                         events.append(
@@ -758,8 +798,63 @@ def read_jsonl(path: str | os.PathLike) -> History:
     if _exact_float32(norms) and _exact_float32(scal):  # as read_csv: a float32 run reads back as float32
         norms, scal = norms.astype(np.float32), scal.astype(np.float32)
     h = History(names, {**meta, "source": src, "source_format": "jsonl"}, unknown=_NOT_IN_FILES)
-    h.append(steps[:n], norms, total=scal[:, 0], total_clipped=scal[:, 1], clip_coef=scal[:, 2], events=events)
+    cols = {k: _stat_array(v) for k, v in stats.items()}
+    h.append(
+        steps[:n], norms, total=scal[:, 0], total_clipped=scal[:, 1], clip_coef=scal[:, 2], stats=cols, events=events
+    )
     return h
+
+
+def check_sinks(value: Any, name: str = "sinks") -> list[Any]:
+    """A list of sinks (objects with ``open``, ``write`` and ``close``), else ``TypeError`` naming ``name``."""
+    if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of sink objects (use () for none), got {value!r}")
+    sinks = list(value)
+    for s in sinks:
+        if not all(callable(getattr(s, m, None)) for m in ("open", "write", "close")):
+            raise TypeError(f"{name} must have open/write/close methods (gradwatch.Sink), got {type(s).__name__}")
+    return sinks
+
+
+def stat_widths(meta: dict[str, Any]) -> dict[str, int]:
+    """The statistics a run declares (``meta["stats"]``: ``{"<prefix>.<column>": width}``, 0 for one number)."""
+    declared = meta.get("stats") or {}
+    return {str(k): int(w) for k, w in declared.items()} if isinstance(declared, dict) else {}
+
+
+def _stat_block(chunk: History, widths: dict[str, int]) -> list[np.ndarray]:
+    """The declared statistics of ``chunk`` as ``[n]`` / ``[n, w]`` columns (NaN where a row has none)."""
+    stats, n, out = chunk.stats, len(chunk), []
+    for name, w in widths.items():
+        col = np.full((n, w) if w else n, np.nan)
+        got = stats.get(name)
+        if got is not None:
+            if w:
+                col[:, : min(w, got.shape[1] if got.ndim == 2 else 1)] = got.reshape(n, -1)[:, :w]
+            else:
+                col[:] = got.reshape(n)
+        out.append(col)
+    return out
+
+
+def _num_or_list(x: Any) -> Any:
+    return [_num(v) for v in x.tolist()] if isinstance(x, np.ndarray) and x.ndim else _num(float(x))
+
+
+def _unnum_or_list(x: Any) -> Any:
+    return [_unnum(v) for v in x] if isinstance(x, list) else _unnum(x)
+
+
+def _stat_array(rows: list[Any]) -> np.ndarray:
+    """One statistic's JSONL values as ``[n]``, or ``[n, w]`` (NaN-padded) when they are lists."""
+    if not any(isinstance(v, list) for v in rows):
+        return np.asarray(rows, dtype=np.float64)
+    w = max(len(v) if isinstance(v, list) else 0 for v in rows)
+    out = np.full((len(rows), w), np.nan)
+    for r, v in enumerate(rows):
+        if isinstance(v, list):
+            out[r, : len(v)] = v
+    return out
 
 
 def _exact_float32(a: np.ndarray) -> bool:
@@ -768,3 +863,24 @@ def _exact_float32(a: np.ndarray) -> bool:
         np.array_equal(a[i : i + 65536].astype(np.float32), a[i : i + 65536], equal_nan=True)
         for i in range(0, len(a), 65536)
     )
+
+
+def _write_incident_file(path: Path, chunk: History, incidents: list[Any], mode: str) -> None:
+    """Write ``incidents`` to ``path`` (a :meth:`History.save` file without rows), atomically.
+
+    This is the companion file ``<sink path>.incidents.npz`` that every file
+    sink rewrites beside its file when incidents complete (every incident of
+    the run so far); read it with ``History.load(path).incidents`` or
+    ``gradwatch incidents``. With ``mode="a"`` (a resumed run) the incidents
+    already in the file from before this run's first one are kept.
+    """
+    out = History(chunk.names, chunk.meta)
+    mine = list(incidents)
+    if mode == "a" and os.path.exists(path) and mine:
+        try:
+            old = History.load(path).incidents
+        except ValueError:
+            old = []
+        out.incidents = [i for i in old if i.step < mine[0].start]
+    out.incidents += mine
+    out.save(path)

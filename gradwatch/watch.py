@@ -5,24 +5,23 @@ from __future__ import annotations
 import atexit
 import math
 import numbers
-import os
 import sys
 import traceback
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch._compat import scale_of
-from gradwatch._layout import RecordLayout
-from gradwatch._params import clean_name, named_trainable
-from gradwatch._validate import check_bool, check_choice, check_instance, check_int
-from gradwatch.clip import ClipContext, Clipper, ClipResult
-from gradwatch.detect import Detector, Event, GradientAnomalyError, Observation, Record, Warner, ready_first
+from gradwatch._layout import RecordLayout, Row, RowMeta, Rows, strip
+from gradwatch._params import ParamGuard, named_trainable
+from gradwatch._parts import ClipColumns, DetectorColumns, ScalerColumns
+from gradwatch._validate import check_bool, check_choice, check_instance, check_int, check_list_of
+from gradwatch.clip import Clipper
+from gradwatch.contrib import Binding, Contributor, StepView
+from gradwatch.detect import Detector, Event, GradientAnomalyError, Record, Warner
 from gradwatch.distributed import (
     DistributedMeter,
     check_process_group,
@@ -31,15 +30,13 @@ from gradwatch.distributed import (
     needs_reduction,
     unwrap_ddp,
 )
-from gradwatch.forensics import FlightRecorder, WeightMeter, write_incident_file
-from gradwatch.gate import OptimizerGate, warn_unwatched
+from gradwatch.forensics import FlightRecorder
+from gradwatch.gate import OptimizerGate
 from gradwatch.history import History
-from gradwatch.norms import MODES, NormMeter, stat_dtype
+from gradwatch.norms import MODES, NormMeter, WeightNorms, accumulation_dtype, stat_dtype
+from gradwatch.sinks import check_sinks
 
 __all__ = ["GradWatch"]
-
-#: columns written in place during the step (the rest are written by value, in one op, in the record phase)
-_IN_PLACE = ("norms", "total", "param_norms", "update_norms")
 
 #: the largest ``flush_every``: rows are allocated as they fill, but a flush must stay addressable
 MAX_FLUSH_EVERY = 2**31 - 1
@@ -57,56 +54,6 @@ def _close_open_watches() -> None:  # pragma: no cover - runs at interpreter exi
             traceback.print_exc(file=sys.stderr)
 
 
-@dataclass
-class _RowMeta:
-    """What a recorded row carries besides its device values (host-known at the step)."""
-
-    step: int
-    missing: list[int]
-    order: list[int]
-    taps: dict[str, Tensor] = field(default_factory=dict)
-
-
-class _Row(NamedTuple):
-    """One buffer row and its named column views."""
-
-    tensor: Tensor
-    cols: dict[str, Tensor]
-
-
-class _Rows:
-    """The device buffer of recorded rows: grows as it fills, up to ``capacity`` rows, and a scratch row."""
-
-    def __init__(self, layout: RecordLayout, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.layout, self.capacity = layout, capacity
-        self.count = 0
-        self._buf = torch.zeros(min(capacity, 64), layout.width, device=device, dtype=dtype)
-        self._views = self._rows_of(self._buf)
-        self.scratch = self._rows_of(torch.zeros(1, layout.width, device=device, dtype=dtype))[0]
-
-    def _rows_of(self, buf: Tensor) -> list[_Row]:
-        return [_Row(r, self.layout.views(r)) for r in buf.unbind()]
-
-    def next(self) -> _Row:
-        """The views of the next free row (grows the buffer geometrically, a device copy)."""
-        if self.count == len(self._views):
-            grown = self._buf.new_zeros(min(self.capacity, 2 * len(self._views)), self.layout.width)
-            grown[: self.count].copy_(self._buf[: self.count])
-            self._buf = grown
-            self._views = self._rows_of(self._buf)
-        row = self._views[self.count]
-        self.count += 1
-        return row
-
-    def filled(self) -> Tensor:
-        """The filled rows, ``[count, width]`` on the device."""
-        return self._buf[: self.count]
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.capacity
-
-
 class GradWatch:
     """Watch (and optionally clip) the gradients of a model at every optimizer step.
 
@@ -116,9 +63,11 @@ class GradWatch:
        norm, into a row of a device buffer;
     2. **clip** -- the clipper (if any) scales the gradients in place, reusing
        those norms;
-    3. **detect** -- each detector updates its state on the device;
-    4. **record** -- the clipper's, scaler's and detectors' values go into the
-       same row, each into the columns it declared when the watch was built;
+    3. **detect** -- each detector, then each statistic (``stats``), computes
+       its values on the device;
+    4. **record** -- those values go into the same row (one op), each into the
+       columns its contributor declared when the watch was built (see
+       :class:`~gradwatch.Contributor`);
     5. **react** -- ``"raise"`` and ``"skip"`` actions (the only ones that need
        an answer during the step).
 
@@ -185,6 +134,9 @@ class GradWatch:
             the attached optimizers' post-step hooks: the update they actually
             applied. Costs one scratch copy of the watched parameters (their
             size in their dtype) and needs :meth:`attach`.
+        stats: :class:`~gradwatch.Contributor` objects (statistics) whose
+            columns are stored in ``History.stats`` as ``"<prefix>.<column>"``
+            (e.g. :class:`~gradwatch.NoiseScale`); they observe after the detectors.
         process_group: for a model split across ranks in a way the device
             meshes do not describe (pipeline stages): the global norm, and so
             every global clip coefficient, is combined over this
@@ -196,11 +148,12 @@ class GradWatch:
 
     Raises:
         TypeError: ``model`` is neither a module nor named parameters, or a
-            clipper/detector/sink/scaler/process_group of the wrong type.
+            clipper/detector/statistic/sink/scaler/process_group of the wrong type.
         NotImplementedError: ``param_norms``/``update_ratio`` with DTensor parameters.
         ValueError: no trainable parameter, duplicate names,
-            ``every``/``flush_every`` out of range, an unknown ``measure``, or a
-            recorder that already serves another watch.
+            ``every``/``flush_every`` out of range, an unknown ``measure``, a
+            recorder that already serves another watch, or two statistics with
+            one prefix.
 
     Example:
         >>> import gradwatch as gw
@@ -233,25 +186,13 @@ class GradWatch:
         recorder: FlightRecorder | None = None,
         param_norms: bool = False,
         update_ratio: bool = False,
+        stats: Sequence[Contributor] = (),
     ) -> None:
-        self.names, self.params = named_trainable(unwrap_ddp(model) if isinstance(model, nn.Module) else model, "model")
+        module = unwrap_ddp(model) if isinstance(model, nn.Module) else model
+        self.names, self.params = named_trainable(module, "model")
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True: nothing to watch")
-        self.every = check_int(every, "every", min=1)
-        self.flush_every = check_int(flush_every, "flush_every", min=1, max=MAX_FLUSH_EVERY)
-        check_choice(measure, "measure", MODES)
-        if clipper is not None:
-            check_instance(clipper, "clipper", Clipper, "a gradwatch Clipper or None")
-        self.detectors = _list_of(detectors, "detectors", Detector, "gradwatch Detector objects")
-        self.sinks = _list_of(sinks, "sinks", object, "sink objects")
-        for s in self.sinks:
-            if not all(callable(getattr(s, m, None)) for m in ("open", "write", "close")):
-                raise TypeError(f"sinks must have open/write/close methods (gradwatch.Sink), got {type(s).__name__}")
-        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if recorder is not None:
-            check_instance(recorder, "recorder", FlightRecorder, "a gradwatch FlightRecorder or None")
-        self._recorder = recorder
+        self._check_args(clipper, detectors, sinks, every, flush_every, measure, scaler, recorder, stats)
         self.update_ratio = check_bool(update_ratio, "update_ratio")
         self.param_norms = check_bool(param_norms, "param_norms") or self.update_ratio
         if self.param_norms and any(is_dtensor(p) for p in self.params):
@@ -259,53 +200,80 @@ class GradWatch:
                 "param_norms and update_ratio are not supported for DTensor parameters (FSDP2, HSDP, tensor "
                 "parallel) yet: their weight norms would be the local shards'"
             )
-        self.clipper = clipper
-        self.scaler = scaler
         self.process_group = check_process_group(process_group)
-        if sinks_rank is not None:
-            check_int(sinks_rank, "sinks_rank", min=0)
-        self.sinks_rank = sinks_rank
+        self.sinks_rank = None if sinks_rank is None else check_int(sinks_rank, "sinks_rank", min=0)
         self._sinks_here = self.sinks if sinks_rank is None or get_rank() == sinks_rank else []
-        self._distributed = needs_reduction(self.params, self.process_group)
-        self.measure = _effective_mode(model, measure, scaler, self._distributed)
-        self._unwatched = _frozen_params(unwrap_ddp(model) if isinstance(model, nn.Module) else model)
-        self._owner, self._first_key = _owner_of(model, self.params[0])
-
-        self.device = self.params[0].device
-        self.dtype = stat_dtype([p.dtype for p in self.params])
-        self._layout = self._declare_layout()
-        self._rows = _Rows(self._layout, self.flush_every, self.device, self.dtype)
-        self._first_value_column = next((k for k in self._layout.names() if k not in _IN_PLACE), "")
-        self._pending: list[_RowMeta] = []
-        track_order = any(type(d).events is not Detector.events for d in self.detectors) or scaler is not None
-        if self._distributed:  # full norms from local shards, one all-reduce per mesh; no parameter hooks
-            self._meter = DistributedMeter(
-                self.params, self.names, process_group=self.process_group, track_order=track_order
-            )
-        else:
-            self._meter = NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
-        self._gate = OptimizerGate(
-            self._gated_step,
-            self._flush_if_full,
-            self._warn_unknown,
-            self.params,
-            on_update=self._after_update if update_ratio else None,
-        )
+        distributed = needs_reduction(self.params, self.process_group)
+        self.measure = _effective_mode(model, measure, scaler, distributed)
+        self.device, self.dtype = self.params[0].device, stat_dtype([p.dtype for p in self.params])
+        self._guard = ParamGuard(module, self.params)
+        self._bind_parts()
+        self._rows = Rows(self._layout, self.flush_every, self.device, self.dtype)
+        self._meter = self._make_meter(distributed)
+        on_update = self._after_update if self._late_parts else None
+        self._gate = OptimizerGate(self._gated_step, self._flush_if_full, self._guard.unknown, self.params, on_update)
         self._history = History(self.names, meta=self._meta())
         self._warner = Warner()
-        self._step = 0
+        self._step, self._flushes, self._closed = 0, 0, False
         self._taps: dict[str, Tensor | None] = {}
-        self._closed = False
-        self._warned_unwatched = False
-        self._weights = WeightMeter(self.params, update=self.update_ratio) if self.param_norms else None
-        self._flushes = 0  # flush generation: a post-step hook writes its row only if it was not flushed yet
-        self._update_row: tuple[Tensor, int, int] | None = None  # (column, flush generation, step)
-        if recorder is not None:
-            recorder.bind()
+        self._live: tuple[int, int] | None = None  # (flush generation, step) of the last recorded row
         self._open_sinks()
         _OPEN.add(self)
 
     # -- set-up -------------------------------------------------------------------
+    def _check_args(self, clipper, detectors, sinks, every, flush_every, measure, scaler, recorder, stats) -> None:
+        """Validate the constructor's arguments; keep them."""
+        self.every = check_int(every, "every", min=1)
+        self.flush_every = check_int(flush_every, "flush_every", min=1, max=MAX_FLUSH_EVERY)
+        check_choice(measure, "measure", MODES)
+        if clipper is not None:
+            check_instance(clipper, "clipper", Clipper, "a gradwatch Clipper or None")
+        if recorder is not None:
+            check_instance(recorder, "recorder", FlightRecorder, "a gradwatch FlightRecorder or None")
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.clipper, self.scaler, self._recorder = clipper, scaler, recorder
+        self.detectors = check_list_of(detectors, "detectors", Detector, "gradwatch Detector objects")
+        self.stats = check_list_of(stats, "stats", Contributor, "gradwatch Contributor objects")
+        self.sinks = check_sinks(sinks)
+
+    def _bind_parts(self) -> None:
+        """Every contributor to the row, in the order they observe: bound once, their columns declared once."""
+        parts: list[Contributor] = []
+        if self.param_norms:
+            parts.append(WeightNorms(update=self.update_ratio))
+        if self.clipper is not None:
+            parts.append(ClipColumns(self.clipper))
+        if self.scaler is not None:
+            parts.append(ScalerColumns(self.scaler))
+        self._detectors = [DetectorColumns(d, i) for i, d in enumerate(self.detectors)]
+        parts += [*self._detectors, *self.stats]
+        binding = Binding(list(self.names), list(self.params), self.device, self.dtype, amp=self.scaler is not None)
+        self._layout = RecordLayout()
+        self._layout.declare("norms", len(self.params))  # the meter writes these two in place
+        self._layout.declare("total", 1, scalar=True)
+        taken = {"norms", "total"}
+        for c in parts:
+            if not isinstance(c.prefix, str) or not c.prefix.isidentifier() or c.prefix in taken:
+                raise ValueError(f"stats: {c!r} has prefix {c.prefix!r}; a prefix must be a new identifier")
+            taken.add(c.prefix)
+            c.bind(binding)
+            self._layout.declare_all(c.prefix, c.columns())
+        if self._recorder is not None:
+            self._recorder.bind(binding)
+        self._parts = parts
+        self._plan = [(c, {k: f"{c.prefix}.{k}" for k in c.columns()}) for c in parts]
+        self._always = [(c, keys) for c, keys in self._plan if c.every_step]  # observed at unrecorded steps too
+        self._late_parts = [c for c in parts if type(c).after_optimizer_step is not Contributor.after_optimizer_step]
+        self._first_value = next((k for k in self._layout.names() if k not in ("norms", "total")), "")
+
+    def _make_meter(self, distributed: bool) -> NormMeter | DistributedMeter:
+        """The norm meter: fused and hooked passes on one process, full norms from shards when distributed."""
+        track_order = any(c.uses_order for c in self._parts)
+        if distributed:  # full norms from local shards, one all-reduce per mesh; no parameter hooks
+            return DistributedMeter(self.params, self.names, process_group=self.process_group, track_order=track_order)
+        return NormMeter(self.params, self.measure, self.device, self.dtype, track_order)
+
     def _open_sinks(self) -> None:
         """Open every sink; if one refuses (e.g. an existing file), close those already open and re-raise."""
         opened = []
@@ -316,39 +284,18 @@ class GradWatch:
         except BaseException:
             for s in opened:
                 _collect([], s.close)
-            self._meter.remove()
+            self._release()
             raise
 
-    def _declare_layout(self) -> RecordLayout:
-        """Every contributor's columns, declared once: meter, clipper, scaler, detectors."""
-        P = len(self.params)
-        layout = RecordLayout()
-        layout.declare("norms", P)  # the meter writes these two in place
-        layout.declare("total", 1, scalar=True)
-        if self.param_norms:  # in place too: at the step, and in the optimizer's post-step hook
-            layout.declare("param_norms", P)
-        if self.update_ratio:
-            layout.declare("update_norms", P)
-        if self.clipper is not None:
-            self.clipper.bind(self.names, self.params)
-            for key in ("clip.total", "clip.coef", "clip.threshold"):
-                layout.declare(key, 1, scalar=True)
-            layout.declare("clip.norms", P)
-        if self.scaler is not None:
-            layout.declare("scale", 1, scalar=True)
-        for i, d in enumerate(self.detectors):
-            d.bind(self.names, amp=self.scaler is not None)
-            for key, width in d.columns().items():
-                layout.declare(f"detector{i}.{key}", width)
-        return layout
-
     def _meta(self) -> dict[str, Any]:
+        stats = {f"{c.prefix}.{k}": int(w) for c in self.stats for k, w in c.columns().items()}
         return {
             "clipper": repr(self.clipper) if self.clipper is not None else None,
             "detectors": [repr(d) for d in self.detectors],
             "every": self.every,
             "measure": self.measure,
             **({"recorder": repr(self._recorder)} if self._recorder is not None else {}),
+            **({"stats": stats} if stats else {}),
         }
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradWatch:
@@ -410,27 +357,25 @@ class GradWatch:
 
     @torch.no_grad()  # create_graph=True gradients: measure and clip outside the graph, as clip_grad_norm_ does
     def _run_step(self) -> Tensor | None:
-        """The five phases; returns the skip flag (or None)."""
+        """The phases: measure -> contributors (clip, detect, statistics) -> record -> react; the skip flag."""
         step = self._step
         self._step += 1
-        self._meter.hot = self._hot(self._step)
+        self._set_hot(self._step)
         observe = step % self.every == 0 or self._recorder is not None
+        if not observe and not self._always:
+            return None
+        if observe and self._rows.full:  # the flush after the last optimizer step did not run (it raised)
+            self.flush()
         count, recorded = self._rows.count, False
         try:
-            if not observe and self.clipper is None:
-                return None
-            grads, missing = self._grads()
-            if observe and self._rows.full:  # the flush after the last optimizer step did not run (it raised)
-                self.flush()
             row = self._rows.next() if observe else self._rows.scratch
-            self._measure(row, grads, missing)
-            clipped = self._clip(row, step)
+            view = self._measure(row, step)
+            values = self._observe(view, self._plan if observe else self._always)
             if not observe:
                 return None
-            found = self._detect(row, step, missing)
-            self._record(row, step, missing, clipped, found)
+            self._record(row, view, values)
             recorded = True
-            return self._react(step, found)
+            return self._react(step)
         except BaseException:
             if not recorded:  # failed before its row was recorded: the step did not happen
                 self._rows.count = count
@@ -440,96 +385,65 @@ class GradWatch:
             self._taps.clear()
             self._meter.reset()
 
-    def _grads(self) -> tuple[list[Tensor | None], list[int]]:
-        grads = [p.grad for p in self.params]
-        return grads, [i for i, g in enumerate(grads) if g is None]
-
-    def _hot(self, step: int) -> bool:
-        """Whether the step numbered ``step`` measures (records, clips, or feeds the flight recorder)."""
-        return step % self.every == 0 or self.clipper is not None or self._recorder is not None
+    def _set_hot(self, step: int) -> None:
+        """Whether the backward of step ``step`` is measured: hooks skip their work otherwise."""
+        hot = step % self.every == 0 or bool(self._always) or self._recorder is not None
+        self._meter.hot = hot
+        for c in self.stats:
+            c.hot = hot
 
     def _after_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """After an attached optimizer's step: ``‖W_{t+1} - W_t‖`` of its parameters into the step's row."""
-        pending = self._update_row  # the row of this round's step, unless flushed since or the step was not recorded
-        if pending is not None and pending[1:] == (self._flushes, self._step - 1) and self._weights is not None:
-            self._weights.update(optimizer, pending[0])
+        """After an attached optimizer's step: the contributors that measure it, if their row is still buffered."""
+        if self._live == (self._flushes, self._step - 1):
+            for c in self._late_parts:
+                c.after_optimizer_step(optimizer)
 
-    def _measure(self, row: _Row, grads: list[Tensor | None], missing: list[int]) -> None:
+    def _measure(self, row: Row, step: int) -> StepView:
         """Phase 1: this step's norms and their total, into the row."""
-        self._check_same_parameters()
+        self._guard.check_same()
         unscaled = self.scaler is not None and self.scaler.is_enabled()
         if unscaled:
             self._gate.unscale(self.scaler)
-            grads, missing = self._grads()
-        self._meter.measure(grads, missing, row.cols["norms"], hooks_valid=not unscaled)
-        if self._distributed:  # the meter knows the override group (pipeline stages)
-            self._meter.total(row.cols["norms"], out=row.cols["total"])
-        else:
-            torch.linalg.vector_norm(row.cols["norms"], out=row.cols["total"])
-        if self._weights is not None:
-            self._weights.norms(row.cols["param_norms"])
+        grads = [p.grad for p in self.params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        norms, total = row.cols["norms"], row.cols["total"]
+        self._meter.measure(grads, missing, norms, hooks_valid=not unscaled)
+        self._meter.total(norms, out=total)
+        return StepView(step, norms, total, missing, grads, self.params, row.cols)
 
-    def _check_same_parameters(self) -> None:
-        """A model moved after the watch was built has other (or relocated) parameters: say so, at the step."""
-        first = self.params[0]
-        owner = self._owner() if self._owner is not None else None
-        current = owner._parameters.get(self._first_key, first) if owner is not None else first
-        if current is not first or first.device != self.device:
-            raise RuntimeError(
-                f"the model's parameters changed after the GradWatch was built (now on {current.device}, "
-                f"watched on {self.device}): build the GradWatch after moving or converting the model"
-            )
-
-    def _clip(self, row: _Row, step: int) -> ClipResult | None:
-        """Phase 2: the clipper, reusing the measured norms."""
-        if self.clipper is None:
-            return None
-        return self.clipper.clip_(ClipContext(self.params, self.names, row.cols["norms"], row.cols["total"], step))
-
-    def _detect(self, row: _Row, step: int, missing: list[int]) -> list[tuple[Detector, dict, Tensor]]:
-        """Phase 3: each detector's values and its "fired" flag (on the device)."""
-        obs = Observation(step, row.cols["norms"], row.cols["total"], missing)
-        return [(d, *d.observe(obs)) for d in self.detectors]
-
-    def _record(self, row: _Row, step: int, missing: list[int], clipped: ClipResult | None, found: list) -> None:
-        """Phase 4: the clipper's, scaler's and detectors' values into their declared columns (one op)."""
+    def _observe(self, view: StepView, plan: list[tuple[Contributor, dict[str, str]]]) -> dict[str, Tensor]:
+        """Phases 2-3: each contributor in order (the clipper first: it scales the gradients), on the device."""
         values: dict[str, Tensor] = {}
-        if clipped is not None:
-            values.update(
-                {
-                    "clip.total": clipped.total,
-                    "clip.coef": clipped.coef,
-                    "clip.threshold": clipped.threshold,
-                    "clip.norms": clipped.norms,
-                }
-            )
-        if self.scaler is not None:
-            scale = scale_of(self.scaler)
-            values["scale"] = scale if scale is not None else torch.full((), float("nan"), device=self.device)
-        for i, (_, vals, _) in enumerate(found):
-            values.update({f"detector{i}.{k}": v for k, v in vals.items()})
-        if values:
-            self._layout.write(row.tensor, values, first=self._first_value_column)
-        if self._weights is not None and self.update_ratio:  # W_t, for the optimizer's post-step hook
-            self._weights.snapshot(row.cols["update_norms"])
-            self._update_row = (row.cols["update_norms"], self._flushes, step)
-        taps = {k: v for k, v in self._taps.items() if v is not None}
-        self._pending.append(_RowMeta(step, missing, list(self._meter.order), taps))
+        for c, keys in plan:
+            for k, v in c.observe(view).items():
+                key = keys.get(k)
+                if key is None:
+                    raise ValueError(f"{c!r}.observe() returned {k!r}, a column its columns() does not declare")
+                values[key] = v
+        return values
 
-    def _react(self, step: int, found: list[tuple[Detector, dict, Tensor | None]]) -> Tensor | None:
+    def _record(self, row: Row, view: StepView, values: dict[str, Tensor]) -> None:
+        """Phase 4: every contributor's values into its declared columns (one op); the row's host-known meta."""
+        if self._first_value:
+            self._layout.write(row.tensor, values, first=self._first_value)
+        self._live = (self._flushes, view.step)
+        taps = {k: v for k, v in self._taps.items() if v is not None}
+        self._rows.meta.append(RowMeta(view.step, view.missing, list(self._meter.order), taps))
+
+    def _react(self, step: int) -> Tensor | None:
         """Phase 5: raise now (one host sync), or return the skip flag for the optimizer gate."""
-        raising = [f for d, _, f in found if f is not None and d.action == "raise"]
+        raising = [c.fired for c in self._detectors if c.fired is not None and c.action == "raise"]
         if raising and bool(torch.stack(raising).any()):  # one host sync, by request
             self.flush()
-            kinds = {d.kind for d, _, _ in found if d.action == "raise"}
+            kinds = {c.detector.kind for c in self._detectors if c.action == "raise"}
             hit = next(e for e in self._history.events if e.step == step and e.kind in kinds)
             raise GradientAnomalyError(hit)
-        skipping = [f for d, _, f in found if f is not None and d.action == "skip"]
+        skipping = [c.fired for c in self._detectors if c.fired is not None and c.action == "skip"]
         if not skipping:
             return None
         return skipping[0] if len(skipping) == 1 else torch.stack(skipping).any()
 
-    # -- taps ---------------------------------------------------------------------
+    # -- taps and marks -------------------------------------------------------------
     def tap(self, tensor: Tensor, name: str) -> Tensor:
         """Record the gradient L2 norm of an intermediate tensor at this step.
 
@@ -537,7 +451,7 @@ class GradWatch:
         state ``h_t`` of an RNN) that stores ``‖∂L/∂tensor‖``; the values land in
         ``History.taps`` / ``history[name]`` at the next recorded step. A no-op
         on steps that are not recorded or for tensors without ``requires_grad``.
-        Taps are the one contributor without a declared column: their names
+        Taps are the one part of a row without a declared column: their names
         are known only when ``tap()`` is called, so their values travel beside
         the row (in the same device-to-host copy).
 
@@ -561,17 +475,15 @@ class GradWatch:
         if name in self.names:
             raise ValueError(f"tap name {name!r} is a parameter name; choose another")
         if self._meter.hot and tensor.requires_grad:
-            acc = torch.float32 if tensor.dtype.itemsize < 4 else None
 
             def hook(g: Tensor) -> None:
-                norm = torch.linalg.vector_norm(g.detach(), dtype=acc)
+                norm = torch.linalg.vector_norm(g.detach(), dtype=accumulation_dtype(g.dtype))
                 self._taps[name] = norm.to(device=self.device, dtype=self.dtype)
 
             self._taps.setdefault(name, None)  # columns in the order of tap() calls
             tensor.register_hook(hook)
         return tensor
 
-    # -- forensics ----------------------------------------------------------------
     def mark(self, reason: str | None = None, *, step: int | None = None, value: float = math.nan) -> None:
         """Save the steps around ``step`` as an incident, as if a detector had fired there.
 
@@ -633,10 +545,8 @@ class GradWatch:
     def _flush(self, final: bool) -> None:
         """:meth:`flush`; ``final`` (at close) completes the flight recorder's open incident."""
         if self._rows.count:
-            metas, self._pending = self._pending, []
-            cols, taps = self._to_host(metas)
+            chunk, reactions = self._chunk(*self._to_host())
             self._flushes += 1
-            chunk, reactions = self._chunk(cols, metas, taps)
         elif final and self._recorder is not None:
             chunk, reactions = History(self.names, self._history.meta), []
         else:
@@ -645,76 +555,60 @@ class GradWatch:
             chunk = self._recorded(chunk, final)
         self._history.extend(chunk)
         errors: list[BaseException] = []
-        if chunk.incidents:
-            _collect(errors, self._write_incident_files)
         for sink in self._sinks_here:
             _collect(errors, sink.write, chunk)
-        for detector, event in reactions:
-            _collect(errors, self._act, detector, event)
-        self._check_unwatched(errors)
+        for action, event in reactions:
+            _collect(errors, self._act, action, event)
+        _collect(errors, self._guard.check_unwatched)
         if errors:
             raise errors[0]
 
-    def _to_host(self, metas: list[_RowMeta]) -> tuple[dict[str, np.ndarray], list[tuple[str, int, float]]]:
-        """The one device-to-host copy: the filled rows and the tapped values, split by column."""
-        n = self._rows.count
-        dev = self._rows.filled().reshape(-1)
+    def _to_host(self) -> tuple[dict[str, np.ndarray], list[RowMeta], dict[str, np.ndarray]]:
+        """The one device-to-host copy: the filled rows split by column, their metas, the tapped values."""
+        rows, metas = self._rows.drain()
+        n, width = rows.shape
         tapped = [(r, k, v.reshape(1)) for r, m in enumerate(metas) for k, v in m.taps.items()]
-        if tapped:
-            dev = torch.cat([dev, *(v for _, _, v in tapped)])
+        dev = torch.cat([rows.reshape(-1), *(v for _, _, v in tapped)]) if tapped else rows.reshape(-1)
         host = dev.to("cpu", copy=True).numpy()
-        self._rows.count = 0
-        width = self._layout.width
-        cols = self._layout.split(host[: n * width].reshape(n, width))
-        return cols, [(k, r, float(x)) for (r, k, _), x in zip(tapped, host[n * width :])]
+        taps: dict[str, np.ndarray] = {}
+        for (r, k, _), x in zip(tapped, host[n * width :]):
+            taps.setdefault(k, np.full(n, np.nan))[r] = x
+        return self._layout.split(host[: n * width].reshape(n, width)), metas, taps
 
     def _chunk(
-        self, cols: dict[str, np.ndarray], metas: list[_RowMeta], tapped: list[tuple[str, int, float]]
-    ) -> tuple[History, list[tuple[Detector, Event]]]:
-        """The flushed rows as a History, with their events (and who reacts to each)."""
-        n, P = len(metas), len(self.names)
+        self, cols: dict[str, np.ndarray], metas: list[RowMeta], taps: dict[str, np.ndarray]
+    ) -> tuple[History, list[tuple[Any, Event]]]:
+        """The flushed rows as a History: each contributor maps its columns and makes its events."""
         norms, total = cols["norms"], cols["total"]
-        missing = np.zeros((n, P), bool)
+        missing = np.zeros(norms.shape, bool)
         for r, m in enumerate(metas):
             missing[r, m.missing] = True
-        taps: dict[str, np.ndarray] = {}
-        for name, r, value in tapped:
-            taps.setdefault(name, np.full(n, np.nan))[r] = value
-        events: list[Event] = []
-        reactions: list[tuple[Detector, Event]] = []
-        for r, m in enumerate(metas):
-            if self.scaler is not None and not np.isfinite(norms[r]).all():
-                bad = ~np.isfinite(norms[r])
-                events += [
-                    Event(m.step, "amp_overflow", self.names[i], float(norms[r, i])) for i in ready_first(m.order, bad)
-                ]
-            for i, d in enumerate(self.detectors):
-                values = {k.split(".", 1)[1]: cols[k][r] for k in self._layout.names(f"detector{i}.")}
-                for e in d.events(Record(m.step, norms[r], float(total[r]), values, missing[r], m.order)):
-                    events.append(e)
-                    reactions.append((d, e))
-        clip = {}
-        if self.clipper is not None:
-            clip = {
-                "total_clipped": cols["clip.total"],
-                "clip_coef": cols["clip.coef"],
-                "clip_threshold": cols["clip.threshold"],
-                "norms_clipped": cols["clip.norms"],
-            }
+        own = [(c, strip(cols, c.prefix)) for c in self._parts]
+        mapped: dict[str, np.ndarray] = {}
+        for c, mine in own:
+            mapped.update(c.to_history(mine))
+        stats = {k: mapped.pop(k) for k in [k for k in mapped if "." in k]}
+        events, reactions = self._events(own, metas, norms, total, missing)
         chunk = History(self.names, self._history.meta)
-        chunk.append(
-            [m.step for m in metas],
-            norms,
-            total=total,
-            grad_missing=missing if missing.any() else None,
-            scale=cols.get("scale"),
-            param_norms=cols.get("param_norms"),
-            update_norms=cols.get("update_norms"),
-            taps=taps,
-            events=events,
-            **clip,
-        )
+        missing_or_none = missing if missing.any() else None
+        steps = [m.step for m in metas]
+        chunk.append(steps, norms, total=total, grad_missing=missing_or_none, taps=taps, stats=stats, **mapped)
+        chunk.events = events
         return chunk, reactions
+
+    def _events(self, own: list, metas: list[RowMeta], norms: np.ndarray, total: np.ndarray, missing: np.ndarray):
+        """Every contributor's events of the flushed rows, in step order, and the reactions they ask for."""
+        talking = [(c, mine) for c, mine in own if type(c).events is not Contributor.events]
+        events: list[Event] = []
+        reactions: list[tuple[Any, Event]] = []
+        for r, m in enumerate(metas):
+            for c, mine in talking:
+                rec = Record(m.step, norms[r], float(total[r]), {k: v[r] for k, v in mine.items()}, missing[r], m.order)
+                for e in c.events(rec):
+                    events.append(e)
+                    if c.action is not None:
+                        reactions.append((c.action, e))
+        return events, reactions
 
     def _recorded(self, every_step: History, final: bool) -> History:
         """The flight recorder's share of a flush: cut incidents, then keep the rows of ``step % every == 0``."""
@@ -727,35 +621,13 @@ class GradWatch:
             self._history.meta["incidents_dropped"] = self._recorder.dropped
         return kept
 
-    def _write_incident_files(self) -> None:
-        """Beside each file sink's ``path``: ``<path>.incidents.npz``, every incident so far (rewritten atomically)."""
-        for sink in self._sinks_here:
-            path = getattr(sink, "path", None)
-            if isinstance(path, (str, os.PathLike)):
-                write_incident_file(f"{os.fspath(path)}.incidents.npz", self._history, getattr(sink, "mode", "w"))
-
-    def _act(self, d: Detector, e: Event) -> None:
-        if d.action == "warn":
+    def _act(self, action: Any, e: Event) -> None:
+        if action == "warn":
             self._warner(e)
-        elif d.action == "skip":
+        elif action == "skip":
             self._warner(e, prefix="optimizer step skipped: ")
-        elif callable(d.action):
-            d.action(e)
-
-    def _check_unwatched(self, errors: list[BaseException]) -> None:
-        """Warn once about frozen-at-build parameters that now receive gradients."""
-        if self._warned_unwatched:
-            return
-        late = [name for name, p in self._unwatched if p.grad is not None]
-        if late:
-            self._warned_unwatched = True
-            _collect(errors, warn_unwatched, late)
-
-    def _warn_unknown(self, params: list[Tensor]) -> None:
-        if not self._warned_unwatched:
-            self._warned_unwatched = True
-            names = {id(p): n for n, p in self._unwatched}
-            warn_unwatched([names.get(id(p), f"<{tuple(p.shape)} tensor>") for p in params])
+        elif callable(action):
+            action(e)
 
     # -- reading and closing --------------------------------------------------------
     @property
@@ -765,11 +637,12 @@ class GradWatch:
         return self._history
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter and the clipper's and detectors' state, for checkpoints."""
+        """Step counter and the clipper's, detectors' and statistics' state, for checkpoints."""
         return {
             "step": self._step,
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
             "detectors": [d.state_dict() for d in self.detectors],
+            "stats": [c.state_dict() for c in self.stats],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -777,25 +650,34 @@ class GradWatch:
 
         Raises:
             ValueError: the state is not a GradWatch state, or has another
-                number of detectors, a clipper state without a clipper here,
-                or a clipper/detector state that does not fit.
+                number of detectors or statistics, a clipper state without a
+                clipper here, or a clipper/detector state that does not fit.
         """
         if not isinstance(state, dict) or not {"step", "clipper", "detectors"} <= set(state):
             raise ValueError("state must be a dict from GradWatch.state_dict() (keys 'step', 'clipper', 'detectors')")
-        if len(state["detectors"]) != len(self.detectors):
-            raise ValueError(f"state has {len(state['detectors'])} detectors, this watch {len(self.detectors)}")
+        stats = state.get("stats", [{} for _ in self.stats])  # states saved before statistics existed
+        for key, mine in (("detectors", self.detectors), ("stats", self.stats)):
+            theirs = state["detectors"] if key == "detectors" else stats
+            if len(theirs) != len(mine):
+                raise ValueError(f"state has {len(theirs)} {key}, this watch {len(mine)}")
         if (state["clipper"] is None) != (self.clipper is None):
             raise ValueError("state and watch disagree on having a clipper")
         if self.clipper is not None:
             self.clipper.load_state_dict(state["clipper"])
-        for d, st in zip(self.detectors, state["detectors"]):
-            d.load_state_dict(st)
+        for part, st in zip([*self.detectors, *self.stats], [*state["detectors"], *stats]):
+            part.load_state_dict(st)
         self._step = check_int(state["step"], "state['step']", min=0)
-        self._meter.hot = self._hot(self._step)
+        self._set_hot(self._step)
 
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise RuntimeError(f"GradWatch.{what}() after close(): create a new GradWatch to watch again")
+
+    def _release(self) -> None:
+        """Remove the meter's and the contributors' hooks."""
+        self._meter.remove()
+        for c in self._parts:
+            c.close()
 
     def close(self) -> None:
         """Flush, remove every hook and close the sinks. Safe to call twice.
@@ -809,7 +691,7 @@ class GradWatch:
         _OPEN.discard(self)
         errors: list[BaseException] = []
         _collect(errors, self._flush, True)
-        self._meter.remove()
+        _collect(errors, self._release)
         self._gate.detach_all()
         _collect(errors, self._warner.summary)
         for s in self._sinks_here:
@@ -838,16 +720,6 @@ def _collect(errors: list[BaseException], fn: Any, *args: Any) -> None:
         errors.append(exc)
 
 
-def _list_of(items: Any, argname: str, cls: type, what: str) -> list:
-    if items is None or isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise TypeError(f"{argname} must be a list of {what} (use () for none), got {items!r}")
-    items = list(items)
-    for x in items:
-        if not isinstance(x, cls):
-            raise TypeError(f"{argname} must be {what}, got {type(x).__name__}")
-    return items
-
-
 def _effective_mode(model: Any, measure: str, scaler: Any, distributed: bool = False) -> str:
     """The measurement mode actually used: ``"step"`` with AMP, and for ``"auto"`` under DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -866,21 +738,3 @@ def _effective_mode(model: Any, measure: str, scaler: Any, distributed: bool = F
             stacklevel=3,
         )
     return measure
-
-
-def _owner_of(model: Any, param: Tensor) -> tuple[weakref.ref | None, str]:
-    """The submodule holding ``param`` (a weak reference) and its key there, to see it replaced later."""
-    if not isinstance(model, nn.Module):
-        return None, ""
-    for name, p in model.named_parameters():
-        if p is param:
-            prefix, _, key = name.rpartition(".")
-            return weakref.ref(model.get_submodule(prefix)), key
-    return None, ""
-
-
-def _frozen_params(model: Any) -> list[tuple[str, Tensor]]:
-    """The module's parameters that do not require a gradient now (watched for a late unfreeze)."""
-    if not isinstance(model, nn.Module):
-        return []
-    return [(clean_name(n), p) for n, p in model.named_parameters() if not p.requires_grad]

@@ -1,17 +1,47 @@
 """One test per torch-private shim in gradwatch/_compat.py: a torch upgrade that breaks one fails here."""
 
+import numpy as np
 import pytest
 import torch
 
 from gradwatch import _compat
 
 
-def test_foreach_norm_matches_vector_norm_bits():
-    ts = [torch.randn(5), torch.randn(3, 4)]
+def test_foreach_norm_matches_a_float64_reference_and_torchs_total_norm_bits():
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, generator=gen), torch.randn(3, 4, generator=gen)]
     got = _compat.foreach_norm(ts, 2.0)
-    assert [g.item() for g in got] == [t.norm().item() for t in torch._foreach_norm(ts, 2.0)]
-    half = _compat.foreach_norm([torch.randn(7).bfloat16()], 2.0, dtype=torch.float32)
-    assert half[0].dtype == torch.float32
+    ref = [np.sqrt(np.sum(t.double().numpy() ** 2)) for t in ts]  # independent: numpy, float64
+    np.testing.assert_allclose([g.item() for g in got], ref, rtol=1e-6)
+    # the public get_total_norm reduces the same per-tensor kernels: its total has these bits
+    assert torch.linalg.vector_norm(torch.stack(got)).item() == torch.nn.utils.get_total_norm(ts).item()
+    assert _compat.foreach_norm(ts, 1.0)[1].item() == pytest.approx(ts[1].abs().sum().item(), rel=1e-6)
+    half = _compat.foreach_norm([torch.full((7,), 300.0).bfloat16()], 2.0, dtype=torch.float32)
+    assert half[0].dtype == torch.float32 and half[0].item() == pytest.approx(300.0 * 7**0.5, rel=1e-6)
+
+
+def test_foreach_in_place_shims_match_plain_tensor_ops():
+    a, b = torch.tensor([1.0, -4.0, 9.0]), torch.tensor([[2.0, -3.0]])
+    _compat.foreach_mul_([a, b], torch.tensor(0.5))
+    assert a.tolist() == [0.5, -2.0, 4.5] and b.tolist() == [[1.0, -1.5]]
+    _compat.foreach_mul_([a, b], [torch.tensor(2.0), torch.tensor(-1.0)])
+    assert a.tolist() == [1.0, -4.0, 9.0] and b.tolist() == [[-1.0, 1.5]]
+    _compat.foreach_clamp_([a, b], -2.0, 2.0)
+    assert a.tolist() == [1.0, -2.0, 2.0] and b.tolist() == [[-1.0, 1.5]]
+    dst = [torch.zeros(3), torch.zeros(1, 2)]
+    _compat.foreach_copy_(dst, [a, b])
+    _compat.foreach_sub_(dst, [torch.ones(3), torch.ones(1, 2)])
+    assert dst[0].tolist() == [0.0, -3.0, 1.0] and dst[1].tolist() == [[-2.0, 0.5]]
+
+
+def test_module_parameter_finds_only_a_registered_parameter():
+    lin = torch.nn.Linear(2, 1)
+    lin.register_buffer("running", torch.zeros(1))
+    assert _compat.module_parameter(lin, "weight") is lin.weight
+    assert _compat.module_parameter(lin, "running") is None  # a buffer, not a parameter
+    assert _compat.module_parameter(lin, "missing") is None
+    lin.weight = torch.nn.Parameter(torch.ones(1, 2))  # replaced: the new one is found
+    assert torch.equal(_compat.module_parameter(lin, "weight"), torch.ones(1, 2))
 
 
 def test_scale_of_reads_the_grad_scalers_scale():

@@ -8,6 +8,7 @@ import torch
 from conftest import mlp
 
 import gradwatch as gw
+from gradwatch.norms import HOOK_MIN_NUMEL
 
 
 def train(model, steps, watch=None, opt_cls=torch.optim.SGD, batches=None, **opt_kw):
@@ -49,15 +50,29 @@ def test_norms_equal_vector_norm(measure, dtype, rtol):
     assert h.names == [n for n, _ in model.named_parameters()]
 
 
-def test_hook_norms_are_bit_identical_to_torch_on_cpu():
+def test_auto_measures_large_gradients_in_backward_hooks_and_small_ones_at_the_step():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Linear(256, 3))
+    assert model[0].weight.numel() >= HOOK_MIN_NUMEL > model[1].weight.numel()
+    watch = gw.GradWatch(model)  # measure="auto"
+    model(torch.randn(4, 512)).square().sum().backward()
+    truth = np.array([torch.linalg.vector_norm(p.grad.double()).item() for p in model.parameters()])
+    for p in model.parameters():
+        p.grad.mul_(2.0)  # changed after backward: a norm taken in the hook still has backward's value
+    watch.step()
+    norms = watch.history.norms[0]
+    np.testing.assert_allclose(norms[0], truth[0], rtol=1e-6)  # the hooked weight, measured during backward
+    np.testing.assert_allclose(norms[1:], 2 * truth[1:], rtol=1e-6)  # the rest, measured at the step
+
+
+def test_step_mode_total_has_the_bits_of_clip_grad_norm():
     model = mlp()
-    watch = gw.GradWatch(model)
+    watch = gw.GradWatch(model, measure="step")
     model(torch.randn(4, 8)).square().sum().backward()
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
     watch.step()
     h = watch.history
-    assert h.norms[0].tolist() == [n.item() for n in torch._foreach_norm(grads)]
-    assert h.total[0] == torch.nn.utils.get_total_norm(grads).item()
+    assert h.total[0] == torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+    np.testing.assert_allclose(h.norms[0], [torch.linalg.vector_norm(g.double()).item() for g in grads], rtol=1e-6)
 
 
 @pytest.mark.parametrize("measure", ["hook", "step"])

@@ -10,7 +10,10 @@ Its ``action`` decides what happens then:
 * ``"raise"`` -- :class:`GradientAnomalyError` from the optimizer step, before
   the weights change (costs one host sync per step);
 * ``"skip"`` -- the optimizer step becomes a no-op: weights and optimizer state
-  stay bit-identical (sync-free on fused optimizers, else one host sync a step).
+  (``optimizer.state``, ``param_groups``, a stateful wrapper's such as
+  ``Lookahead``'s) stay bit-identical (sync-free on fused optimizers, else one
+  host sync a step); state an optimizer keeps elsewhere is not covered (see
+  :mod:`gradwatch.gate`).
 
 Only ``"raise"`` and ``"skip"`` need the answer during the step; the others
 cost no host sync, which is why their reactions wait for the flush

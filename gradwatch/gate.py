@@ -24,14 +24,22 @@ Skipping
     optimizers whose state exists skip through ``optimizer.found_inf`` (as
     ``GradScaler`` does: no host sync); otherwise the gradients are hidden
     from the optimizer (``p.grad = None``) for that step and restored after
-    it, at the cost of one host sync to read the flag.
+    it, and each param group's entries other than ``params`` are restored
+    too (schedule-free optimizers advance ``k`` and ``weight_sum`` there even
+    without gradients), at the cost of one host sync to read the flag. A
+    wrapper with optimizer state of its own around the hooked optimizer
+    (``torch_optimizer.Lookahead``: slow weights and a counter) has its
+    ``step`` wrapped while attached, and a skipped step skips it whole.
+    Not covered: state an optimizer keeps elsewhere (attributes of its own),
+    or a step that changes parameters without a gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +82,30 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return obj
 
 
+def _stateful_wrappers(optimizer: Any, inner: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
+    """The wrappers between ``optimizer`` and ``inner`` that keep optimizer state of their own.
+
+    Such a wrapper (``torch_optimizer.Lookahead``) steps ``inner`` and then
+    changes its own state and the weights; skipping only ``inner``'s step is
+    not enough. ``LightningOptimizer`` and ``AcceleratedOptimizer`` forward
+    ``state`` to the wrapped optimizer, so they are not listed.
+    """
+    obj = optimizer
+    while obj is not inner and obj is not None:
+        own = getattr(obj, "__dict__", {})
+        if isinstance(obj, torch.optim.Optimizer) and "state" in own and own["state"] is not inner.state:
+            yield obj
+        obj = getattr(obj, "optimizer", None) or getattr(obj, "_optimizer", None)
+
+
+class _SkipWholeStep(Exception):
+    """Raised from the hooked optimizer's step to skip a stateful wrapper's whole step."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__("gradwatch: skipped step")
+        self.loss = loss
+
+
 class OptimizerGate:
     """Runs a watch step at the right moment of each attached optimizer's step.
 
@@ -105,11 +137,16 @@ class OptimizerGate:
         self._round: set[int] | None = None  # ids of the optimizers in the open round
         self._skip_flag: Tensor | None = None
         self._undo: list[Callable[[], None]] = []
+        self._wrappers: dict[int, tuple[weakref.ref, Callable[..., Any], dict[str, bool]]] = {}
+        self._in_wrapper: list[torch.optim.Optimizer] = []  # inner optimizers whose wrapper is stepping
+        self._skip_whole = False
 
     # -- attaching ---------------------------------------------------------------
     def attach(self, optimizer: Any) -> torch.optim.Optimizer:
         """Hook ``optimizer`` (unwrapped); attaching it again does nothing. Returns the optimizer."""
         opt = unwrap_optimizer(optimizer)
+        for wrapper in _stateful_wrappers(optimizer, opt):
+            self._wrap_step(wrapper, opt)
         entry = self._optimizers.get(id(opt))
         if entry is not None and entry[0]() is opt:
             return opt
@@ -117,13 +154,52 @@ class OptimizerGate:
         self._optimizers[id(opt)] = (weakref.ref(opt), handles, -1)
         return opt
 
+    def _wrap_step(self, wrapper: torch.optim.Optimizer, inner: torch.optim.Optimizer) -> None:
+        """Wrap ``wrapper.step`` (an instance attribute) so that a skip skips all of it, not only ``inner``'s."""
+        entry = self._wrappers.get(id(wrapper))
+        if entry is not None and entry[0]() is wrapper:
+            return
+        original = wrapper.step
+        active = {"on": True}
+
+        @functools.wraps(original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not active["on"]:
+                return original(*args, **kwargs)
+            self._in_wrapper.append(inner)
+            try:
+                return original(*args, **kwargs)
+            except _SkipWholeStep as skipped:
+                self._post(inner, (), {})  # inner's post hook did not run
+                return skipped.loss
+            finally:
+                self._in_wrapper.pop()
+
+        previous = wrapper.__dict__.get("step")  # e.g. an LR scheduler's wrapper
+        wrapper.step = step
+        self._wrappers[id(wrapper)] = (weakref.ref(wrapper), step, active)
+        active["previous"] = previous  # type: ignore[assignment]
+
+    def _unwrap_steps(self) -> None:
+        for ref, step, active in self._wrappers.values():
+            active["on"] = False
+            wrapper = ref()
+            if wrapper is not None and wrapper.__dict__.get("step") is step:
+                previous = active.get("previous")
+                if previous is None:
+                    del wrapper.step
+                else:
+                    wrapper.step = previous
+        self._wrappers.clear()
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The attached optimizers that are still alive."""
         return [o for ref, _, _ in self._optimizers.values() if (o := ref()) is not None]
 
     def detach_all(self) -> None:
-        """Remove every hook and undo a pending skip."""
+        """Remove every hook (and wrapped ``step``) and undo a pending skip."""
         self._restore()
+        self._unwrap_steps()
         for _, handles, _ in self._optimizers.values():
             for h in handles:
                 h.remove()
@@ -161,6 +237,7 @@ class OptimizerGate:
             except BaseException:
                 self.close_round()
                 raise
+            self._raise_if_skipping_whole(None)
             return None
         wrapped = self._after_first_call(opt, closure)
         if "closure" in kwargs:
@@ -180,6 +257,7 @@ class OptimizerGate:
                 except BaseException:
                     self.close_round()
                     raise
+                self._raise_if_skipping_whole(loss)
             return loss
 
         return closure_then_watch
@@ -206,7 +284,12 @@ class OptimizerGate:
 
         With ``opt=None`` (stepping by hand, nothing attached) the gradients
         of ``params`` are dropped (``p.grad = None``) when the flag is set.
+        Inside the step of a wrapper with state of its own (see
+        :func:`_stateful_wrappers`) the whole wrapper step is skipped instead.
         """
+        if opt is not None and self._in_wrapper and self._in_wrapper[-1] is opt:
+            self._skip_whole = bool(flag)  # one host sync: the wrapper cannot skip by itself
+            return
         if opt is not None and found_inf_safe(opt):
             set_found_inf(opt, flag)
             self._undo.append(lambda: set_found_inf(opt, None))
@@ -220,12 +303,24 @@ class OptimizerGate:
         stash = [(p, p.grad) for g in opt.param_groups for p in g["params"]]
         for p, _ in stash:
             p.grad = None
+        # step counters kept in the groups (schedule-free's k, weight_sum) move even without gradients
+        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
 
         def restore() -> None:
             for p, g in stash:
                 p.grad = g
+            for group, saved in groups:
+                for key in [k for k in group if k != "params" and k not in saved]:
+                    del group[key]
+                group.update(saved)
 
         self._undo.append(restore)
+
+    def _raise_if_skipping_whole(self, loss: Any) -> None:
+        """End the hooked optimizer's step here when its stateful wrapper's whole step is skipped."""
+        if self._skip_whole:
+            self._skip_whole = False
+            raise _SkipWholeStep(loss)
 
     def _restore(self) -> None:
         undo, self._undo = self._undo, []

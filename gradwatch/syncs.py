@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 
@@ -24,6 +25,17 @@ class count_host_syncs(TorchDispatchMode):
     :attr:`host_copies` counts copies to the CPU that keep the dtype (a
     transfer, not a cast), and :attr:`ops` every op seen by name.
 
+    The counts describe *eager* code. ``torch.compile`` does not run under a
+    ``TorchDispatchMode`` such as this one: inside the context a compiled
+    function or model runs eagerly (its results are the eager ones, which can
+    differ from the compiled ones in the last bits) and every aten op it
+    dispatches is counted, including syncs that a compiled graph would have
+    kept or removed. The context sets the compiler's stance to
+    ``"force_eager"`` (``torch.compiler.set_stance``) while it is active, so
+    that the compiled functions it ran are compiled again afterwards; without
+    that, torch marks a frame it meets under a dispatch mode as not
+    compilable and keeps running it eagerly after the context.
+
     Example:
         >>> import torch
         >>> with count_host_syncs() as c:
@@ -38,6 +50,27 @@ class count_host_syncs(TorchDispatchMode):
         self.syncs = 0
         self.host_copies = 0
         self.ops: Counter[str] = Counter()
+        self._stances: list[Any] = []
+
+    def __enter__(self) -> count_host_syncs:
+        stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        self._stances.append(stance("force_eager") if stance is not None else None)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore_stance()
+            raise
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            self._restore_stance()
+
+    def _restore_stance(self) -> None:
+        stance = self._stances.pop()
+        if stance is not None:
+            stance.__exit__(None, None, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -63,6 +63,7 @@ __all__ = [
     "local_tensor",
     "needs_reduction",
     "rank_path",
+    "reduced_after_hooks",
     "row_norms",
     "scale_",
     "total_norm",
@@ -208,6 +209,47 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
         True
     """
     return model.module if is_ddp(model) else model
+
+
+def reduced_after_hooks(params: Sequence[Tensor]) -> list[bool]:
+    """Per parameter, whether a data-parallel engine reduces its gradient after the parameter's hooks ran.
+
+    ``DistributedDataParallel``'s reducer registers its all-reduce on each
+    parameter's gradient accumulator (the ``AccumulateGrad`` autograd node) and
+    keeps that node alive; Horovod, DeepSpeed and Apex do the same. Autograd
+    itself holds the node only while a graph that uses the parameter exists. A
+    post-accumulate-grad hook fires before that all-reduce, so it sees the
+    rank's local gradient, not the one the optimizer applies. The probe marks
+    the node (``Node.metadata``), lets go of it and asks for it again: the mark
+    survives only if something else holds the node. Parameters that DDP ignores
+    (``_ddp_params_and_buffers_to_ignore``) are not held, nor those of a model
+    without an engine, such as a pipeline stage. Call it between steps, when no
+    graph is alive (a graph kept with ``retain_graph=True`` also holds the nodes).
+
+    All False unless a process group of more than one rank is initialised
+    (with one rank the reduction changes nothing). Not seen: DDP's Python
+    reducer under compiled autograd, which uses post-accumulate-grad hooks.
+
+    Example:
+        >>> reduced_after_hooks([torch.nn.Parameter(torch.zeros(2))])
+        [False]
+    """
+    if get_world_size() <= 1:
+        return [False] * len(params)
+    return [p.requires_grad and p.is_leaf and _accumulator_held(p) for p in params]
+
+
+def _accumulator_held(param: Tensor) -> bool:
+    """Whether something besides autograd keeps ``param``'s gradient accumulator alive (a reducer does)."""
+    from torch.autograd.graph import get_gradient_edge
+
+    node = get_gradient_edge(param).node
+    node.metadata[_PROBE] = True
+    del node  # the last reference here: the node dies unless it is held elsewhere
+    return bool(get_gradient_edge(param).node.metadata.pop(_PROBE, False))
+
+
+_PROBE = "gradwatch.reduced_after_hooks"
 
 
 def check_process_group(value: Any, name: str = "process_group") -> Any:

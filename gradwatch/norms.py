@@ -23,6 +23,7 @@ force one way. Only ``"step"`` uses exactly the kernels of ``clip_grad_norm_``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -291,9 +292,11 @@ class NormMeter(ReadyOrder):
         P = len(self.params)
         self._sq = torch.zeros(P, device=device, dtype=dtype)  # hooks write squared norms here
         self._sq_views = list(self._sq.unbind())
+        self.mode, self._track_order = mode, track_order
         self.hooked = [mode == "hook" or (mode == "auto" and p.numel() >= HOOK_MIN_NUMEL) for p in self.params]
         self._hooked_idx = [i for i in range(P) if self.hooked[i]]
         self._fused_idx = [i for i in range(P) if not self.hooked[i]]
+        self._check_reduced = bool(self._hooked_idx)  # at the first measure: see _unhook_reduced
         self._index_of = IndexCache(device)
         self.hot = True
         super().__init__(P)
@@ -314,10 +317,10 @@ class NormMeter(ReadyOrder):
             out.copy_(torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.dtype)).square())
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
-        hooked = self.hooked[i]
+        hooked = self.hooked
 
         def hook(param: Tensor) -> None:
-            if hooked and self.hot:
+            if hooked[i] and self.hot:
                 self._square_into(i, param.grad)
             self._mark_ready(i)
 
@@ -333,6 +336,8 @@ class NormMeter(ReadyOrder):
             hooks_valid: False when the gradients changed after backward (AMP
                 unscaling): everything is then measured now.
         """
+        if self._check_reduced:
+            self._unhook_reduced()
         if self._hooked_idx:
             for i in self._hooked_idx:  # gradients no hook saw this step (set by hand, or changed since)
                 g = grads[i]
@@ -346,6 +351,38 @@ class NormMeter(ReadyOrder):
         if missing:
             out.index_fill_(0, self._index_of(missing), 0.0)
         return out
+
+    def _unhook_reduced(self) -> None:
+        """Once, at the first measure: gradients that a data-parallel engine reduces after the hooks move to the step.
+
+        A watch built on the bare module before ``DistributedDataParallel``
+        wrapped it cannot know; its hooks would see each rank's local gradient
+        and a clipper or a skip would decide differently on every rank (the
+        replicas fork). Those parameters are measured in the fused pass at the
+        step from now on: after the all-reduce, as the optimizer applies them.
+        """
+        from gradwatch.distributed import reduced_after_hooks  # gradwatch.distributed imports this module
+
+        self._check_reduced = False
+        owned = reduced_after_hooks([self.params[i] for i in self._hooked_idx])
+        reduced = [i for i, r in zip(self._hooked_idx, owned) if r]
+        if not reduced:
+            return
+        for i in reduced:
+            self.hooked[i] = False
+        self._hooked_idx = [i for i in self._hooked_idx if self.hooked[i]]
+        self._fused_idx = sorted(self._fused_idx + reduced)
+        if not self._hooked_idx and not self._track_order:
+            self.remove()
+        if self.mode == "hook":
+            warnings.warn(
+                f"GradWatch(measure='hook'): the gradients of {len(reduced)} parameter(s) are all-reduced by a "
+                "data-parallel engine (DistributedDataParallel) after their hooks run, so hooks would see each "
+                "rank's local gradients; they are measured at the step instead. Build the watch with "
+                "measure='step' to silence this warning",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def total(self, norms: Tensor, out: Tensor | None = None) -> Tensor:
         """The global L2 norm of :meth:`measure`'s norms (written into ``out`` when given)."""

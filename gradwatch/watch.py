@@ -721,20 +721,18 @@ def _collect(errors: list[BaseException], fn: Any, *args: Any) -> None:
 
 
 def _effective_mode(model: Any, measure: str, scaler: Any, distributed: bool = False) -> str:
-    """The measurement mode actually used: ``"step"`` with AMP, and for ``"auto"`` under DDP."""
+    """The measurement mode actually used: ``"step"`` with AMP, with DTensors and under DDP (``"hook"`` warns)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if scaler is not None or distributed:  # sharded gradients: no parameter hooks (they would gather)
         return "step"
-    if measure == "auto" and ddp:
-        return "step"
-    if measure == "hook" and ddp:
+    if measure == "hook" and ddp:  # a clipper or a skip would decide from each rank's own gradients
         import warnings
 
         warnings.warn(
             "GradWatch(measure='hook') on a DistributedDataParallel model: hooks see each rank's local "
-            "gradients before DDP's all-reduce; use measure='step' (the default 'auto' does) for the "
-            "synchronized gradients",
+            "gradients before DDP's all-reduce, so the synchronized gradients are measured at the step "
+            "instead; pass measure='step' (the default 'auto' does the same) to silence this warning",
             UserWarning,
             stacklevel=3,
         )
-    return measure
+    return "step" if ddp else measure

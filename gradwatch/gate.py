@@ -137,7 +137,8 @@ class OptimizerGate:
         self._round: set[int] | None = None  # ids of the optimizers in the open round
         self._skip_flag: Tensor | None = None
         self._undo: list[Callable[[], None]] = []
-        self._wrappers: dict[int, tuple[weakref.ref, Callable[..., Any], dict[str, bool]]] = {}
+        # id(wrapper) -> (wrapper, our step, the instance step it replaced or None, {"on": still wrapping})
+        self._wrappers: dict[int, tuple[weakref.ref, Callable[..., Any], Any, dict[str, bool]]] = {}
         self._in_wrapper: list[torch.optim.Optimizer] = []  # inner optimizers whose wrapper is stepping
         self._skip_whole = False
 
@@ -177,15 +178,13 @@ class OptimizerGate:
 
         previous = wrapper.__dict__.get("step")  # e.g. an LR scheduler's wrapper
         wrapper.step = step
-        self._wrappers[id(wrapper)] = (weakref.ref(wrapper), step, active)
-        active["previous"] = previous  # type: ignore[assignment]
+        self._wrappers[id(wrapper)] = (weakref.ref(wrapper), step, previous, active)
 
     def _unwrap_steps(self) -> None:
-        for ref, step, active in self._wrappers.values():
-            active["on"] = False
+        for ref, step, previous, active in self._wrappers.values():
+            active["on"] = False  # wrapped again by someone else after us: our step only passes through
             wrapper = ref()
             if wrapper is not None and wrapper.__dict__.get("step") is step:
-                previous = active.get("previous")
                 if previous is None:
                     del wrapper.step
                 else:

@@ -280,6 +280,91 @@ def test_checkpoint_resume_continues_autoclip_exactly(tmp_path):
         torch.testing.assert_close(p, q)
 
 
+def test_two_callbacks_in_one_trainer_each_resume_their_own_state(tmp_path):
+    """Each configuration has its own state_key: both callbacks' states are in one checkpoint, and each
+    resumed callback continues as its uninterrupted twin does."""
+    ds = data(32)
+
+    def pair():
+        return [
+            GradWatchCallback(clipper=gw.AutoClip(percentile=25.0), log_prefix="auto/"),
+            GradWatchCallback(clipper=gw.ZClip(warmup_steps=3), detectors=[gw.Spike()], log_prefix="z/"),
+        ]
+
+    base = Net(optimizer="adam", lr=0.01)
+    full = pair()
+    fit(copy.deepcopy(base), None, ds, max_epochs=2, callbacks=full)
+    first = pair()
+    assert first[0].state_key != first[1].state_key
+    trainer = fit(copy.deepcopy(base), None, ds, max_epochs=1, callbacks=first)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    saved = torch.load(tmp_path / "half.ckpt", weights_only=False)["callbacks"]
+    assert {first[0].state_key, first[1].state_key} <= set(saved)
+    second = pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # both states found: nothing to warn about
+        trainer = pl.Trainer(**{**QUIET, "callbacks": second, "max_epochs": 2})
+        trainer.fit(Net(optimizer="adam", lr=0.01), loader(ds), ckpt_path=tmp_path / "half.ckpt")
+    half = len(first[0].history)
+    for a, b in zip(full, second):
+        np.testing.assert_array_equal(b.history.steps, a.history.steps[half:])
+        for col in ("total", "clip_threshold", "total_clipped"):
+            np.testing.assert_allclose(getattr(b.history, col), getattr(a.history, col)[half:], rtol=1e-6, err_msg=col)
+
+
+def test_resuming_without_the_callbacks_state_warns_once(tmp_path):
+    ds = data(16)
+    trainer = fit(Net(), None, ds, max_steps=2)  # trained without gradwatch
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    cb = GradWatchCallback(clipper=gw.AutoClip())
+    with pytest.warns(UserWarning, match="without GradWatchCallback's state") as rec:
+        trainer = pl.Trainer(**{**QUIET, "callbacks": [cb], "max_steps": 4})
+        trainer.fit(Net(), loader(ds), ckpt_path=tmp_path / "plain.ckpt")
+    assert sum("GradWatchCallback's state" in str(w.message) for w in rec) == 1
+    np.testing.assert_array_equal(cb.history.steps, [0, 1])  # the counter starts afresh, as it says
+
+    # a checkpoint whose state sits under the key used before state_key held the configuration is read
+    ckpt = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    ckpt["callbacks"]["GradWatchCallback"] = {"watch": {"step": 7, "clipper": None, "detectors": []}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    cb = GradWatchCallback()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer = pl.Trainer(**{**QUIET, "callbacks": [cb], "max_steps": 4})
+        trainer.fit(Net(), loader(ds), ckpt_path=tmp_path / "old.ckpt")
+    assert not any("GradWatchCallback's state" in str(w.message) for w in rec)
+    np.testing.assert_array_equal(cb.history.steps, [7, 8])
+
+
+class SelfAttached(Net):
+    """The plain API inside a LightningModule: a GradWatch attached to the module's own optimizer."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        self.watch = gw.GradWatch(self).attach(opt)
+        return opt
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.torch_pre_clip = [*getattr(self, "torch_pre_clip", []), torch.nn.utils.get_total_norm(grads).item()]
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # Lightning's own clipping
+
+
+def test_attach_records_after_lightnings_clipping_the_callback_before_it():
+    """attach measures after Lightning's closure -- which holds Lightning's gradient_clip_val clipping -- so
+    its norms are post-clip; the callback's are the pre-clip norms torch measures when Lightning clips."""
+    model = SelfAttached()
+    cb = GradWatchCallback()
+    fit(model, cb, data(32), max_steps=6, gradient_clip_val=0.5)
+    attached = model.watch.history.total
+    pre = np.array(model.torch_pre_clip)
+    assert len(attached) == len(pre) == len(cb.history) == 6 and (pre > 0.5).sum() >= 4  # the bound binds
+    assert (attached <= 0.5 * (1 + 1e-5)).all()  # post-clip
+    np.testing.assert_allclose(attached, np.minimum(pre, 0.5), rtol=1e-5)
+    np.testing.assert_allclose(cb.history.total, pre, rtol=1e-6)  # pre-clip
+    model.watch.close()
+
+
 class EveryOther(torch.utils.data.Sampler):
     """Rank r of 2 reads samples r, r+2, r+4, ...: two ranks' batches of 4 are one batch of 8 in order."""
 

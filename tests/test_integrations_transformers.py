@@ -48,7 +48,19 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg)
 
 
-def train(tmp_path, cb, *, model=None, resume=None, **kw) -> Trainer:
+def torch_contract_clip(accelerator):
+    """``accelerator.clip_grad_norm_`` as accelerate versions before the DTensor-aware one (and builds without
+    torch.distributed) run it: unscale, then ``torch.nn.utils.clip_grad_norm_`` -- which, at ``max_norm=inf``,
+    multiplies every gradient by ``clamp(inf / (total + 1e-6), max=1)``: NaN when one gradient holds a NaN."""
+
+    def clip_grad_norm_(parameters, max_norm, norm_type=2):
+        accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+
+    return clip_grad_norm_
+
+
+def train(tmp_path, cb, *, model=None, resume=None, bind=True, extra=(), torch_clip=False, **kw) -> Trainer:
     args = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -68,8 +80,12 @@ def train(tmp_path, cb, *, model=None, resume=None, **kw) -> Trainer:
         model=model if model is not None else tiny_gpt2(),
         args=TrainingArguments(**args),
         train_dataset=Tokens(),
-        callbacks=[] if cb is None else [cb],
+        callbacks=([] if cb is None else [cb]) + list(extra),
     )
+    if torch_clip:
+        trainer.accelerator.clip_grad_norm_ = torch_contract_clip(trainer.accelerator)
+    if bind and isinstance(cb, GradWatchCallback):
+        cb.bind(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -138,6 +154,72 @@ def test_resume_from_checkpoint_continues_autoclip_exactly(tmp_path):
         torch.testing.assert_close(p, q)
 
 
+POISONED = "transformer.h.0.mlp.c_fc.weight"
+
+
+class Poison(TrainerCallback):
+    """Arms a gradient hook on one named parameter at optimizer step ``at``: it multiplies that gradient by
+    ``factor`` (NaN: the gradient holds NaN; 1e4: a spike) -- the other parameters' gradients stay as they are."""
+
+    def __init__(self, model, at: int, factor: float) -> None:
+        self.at, self.factor, self.armed = at, factor, False
+        dict(model.named_parameters())[POISONED].register_hook(lambda g: g * self.factor if self.armed else g)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.armed = state.global_step == self.at
+
+
+def test_nan_in_one_gradient_is_named_at_max_grad_norm_0(tmp_path):
+    """max_grad_norm=0: the Trainer's clip_grad_norm_(params, inf) multiplies every gradient by NaN under torch's
+    contract; the callback measures before it, so NonFinite names the one parameter whose gradient holds the NaN."""
+    model = tiny_gpt2()
+    cb = GradWatchCallback(detectors=[gw.NonFinite()])
+    with pytest.warns(gw.GradientWarning, match="nonfinite"):
+        trainer = train(
+            tmp_path, cb, model=model, max_grad_norm=0.0, max_steps=2, extra=[Poison(model, 1, np.nan)], torch_clip=True
+        )
+    events = cb.history.events_of("nonfinite")
+    assert [(e.step, e.name) for e in events] == [(1, POISONED)]
+    assert np.isnan(logged(trainer, "grad_norm")[1])  # the Trainer logs the pre-clip norm: NaN
+
+
+def test_skipped_step_logs_the_dropped_gradients_norm_not_zero(tmp_path):
+    """max_grad_norm=1 and Threshold(action="skip"): the step's gradients are dropped before the Trainer clips;
+    its logged grad_norm is their pre-clip norm (h.total), not the 0.0 of the gradients left."""
+    model = tiny_gpt2()
+    cb = GradWatchCallback(detectors=[gw.Threshold(1e3, action="skip")])
+    with pytest.warns(gw.GradientWarning, match="threshold"):
+        trainer = train(tmp_path, cb, model=model, max_grad_norm=1.0, max_steps=3, extra=[Poison(model, 1, 1e5)])
+    h = cb.history
+    assert [e.step for e in h.events_of("threshold")] == [1] and h.total[1] > 1e3
+    theirs = logged(trainer, "grad_norm")
+    np.testing.assert_allclose(theirs, h.total, rtol=1e-6)  # step 1 too: the norm that made it skip
+
+
+def test_bind_adds_the_callback_once_and_an_unbound_one_warns(tmp_path):
+    """No stack walking: bound, the callback wraps the Trainer's clipping (pre-clip rows) and puts it back;
+    unbound, it says so and records after the Trainer's clipping."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2, max_grad_norm=0.5, disable_tqdm=True
+    )
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens())
+    cb = GradWatchCallback()
+    assert cb.bind(trainer) is cb and cb.bind(trainer) is cb
+    assert [c for c in trainer.callback_handler.callbacks if isinstance(c, GradWatchCallback)] == [cb]
+    with pytest.raises(TypeError, match=r"trainer must be a transformers\.Trainer"):
+        GradWatchCallback().bind(trainer.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    assert (cb.history.total > 0.5).all()  # pre-clip
+    assert "clip_grad_norm_" not in vars(trainer.accelerator) and "log" not in vars(trainer)  # put back
+
+    unbound = GradWatchCallback()
+    with pytest.warns(UserWarning, match=r"not bound to the Trainer .*cb\.bind\(trainer\)"):
+        train(tmp_path / "u", unbound, bind=False, max_steps=2, max_grad_norm=0.5)
+    np.testing.assert_allclose(unbound.history.total, 0.5, rtol=1e-5)  # after the Trainer's clipping, as it warns
+
+
 class AttachInCallback(TrainerCallback):
     """The plain-API recipe: a GradWatch attached to the Trainer's (accelerate-wrapped) optimizer."""
 
@@ -160,7 +242,7 @@ def test_without_a_trainer_it_records_in_on_pre_optimizer_step_and_logs_in_on_lo
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=0.0, report_to="none")
     state, control = TrainerState(), TrainerControl()
     cb = GradWatchCallback(log_groups=None)
-    with pytest.warns(UserWarning, match="could not find the Trainer"):
+    with pytest.warns(UserWarning, match=r"not bound to the Trainer .*cb\.bind\(trainer\)"):
         cb.on_train_begin(args, state, control, model=model)
     ref = []
     for batch in torch.utils.data.DataLoader(Tokens(12), batch_size=4):
@@ -195,7 +277,7 @@ class LoopByHand(Trainer):
     """A Trainer whose loop the test runs step by step; the events come from its own method, as in train()."""
 
     def begin(self, cb: GradWatchCallback) -> None:
-        cb.on_train_begin(self.args, self.state, self.control, model=self.model)
+        cb.bind(self).on_train_begin(self.args, self.state, self.control, model=self.model)
 
 
 def fp16_run(tmp_path, max_grad_norm: float, init_scale: float, steps: int = 3):

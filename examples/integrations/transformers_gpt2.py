@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=CountingUp(16 * args.steps),
         callbacks=[cb],
     )
+    cb.bind(trainer)  # callbacks are not handed their Trainer: this lets it measure before the Trainer clips
     trainer.train()
 
     h = cb.history

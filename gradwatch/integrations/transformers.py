@@ -8,31 +8,36 @@ Where the Trainer touches the gradients at an optimizer step (``_inner_training_
     callbacks.on_pre_optimizer_step    <- the gradients are already clipped here
     optimizer.step(); callbacks.on_optimizer_step; zero_grad; ...; log({"grad_norm": grad_norm, ...})
 
-No callback event sits between the backward and the clipping, so the
-callback wraps the Trainer's ``accelerator.clip_grad_norm_`` for the duration
-of ``train()``: the wrapper unscales (``accelerator.unscale_gradients()``, a
-no-op without fp16 AMP), runs :meth:`GradWatch.step` on the accumulated,
-unscaled, all-reduced, pre-clip gradients, then lets the Trainer clip as
-before. The recorded global norm is therefore the ``grad_norm`` the Trainer
-logs (the same kernels: equal to the last bit with ``measure="step"``), and a
-gradwatch clipper acts before the Trainer's own clipping. Nothing here reads a
-value back to the host; metrics are added to the Trainer's own logs at its
-logging steps (one device-to-host copy per logging step).
+No callback event sits between the backward and the clipping, and callbacks
+are not handed the Trainer, so the callback is bound to its Trainer
+explicitly (:meth:`GradWatchCallback.bind`) and wraps the Trainer's
+``accelerator.clip_grad_norm_`` for the duration of ``train()``: the wrapper
+unscales (``accelerator.unscale_gradients()``, a no-op without fp16 AMP), runs
+:meth:`GradWatch.step` on the accumulated, unscaled, all-reduced gradients
+before anything scales them -- also with ``max_grad_norm=0``, where the
+Trainer's ``clip_grad_norm_(params, inf)`` would multiply every gradient by NaN
+if one held a NaN -- then lets the Trainer clip as before. The recorded global
+norm is therefore the ``grad_norm`` the Trainer logs (the same kernels: equal
+to the last bit with ``measure="step"``), and a gradwatch clipper acts before
+the Trainer's own clipping. Nothing here reads a value back to the host;
+metrics are added to the Trainer's own logs at its logging steps (one
+device-to-host copy per logging step).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "gradwatch.integrations.transformers needs Hugging Face transformers and accelerate: "
@@ -40,37 +45,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     ) from exc
 
 from gradwatch._compat import unscaled_this_step
-from gradwatch.clip import Clipper
-from gradwatch.detect import Detector
-from gradwatch.history import History
-from gradwatch.integrations import LatestRow, check_callback_args
-from gradwatch.watch import GradWatch
+from gradwatch._validate import check_instance
+from gradwatch.integrations._base import WatchCallback
 
 __all__ = ["STATE_FILE", "GradWatchCallback"]
 
 #: the file in each ``checkpoint-<step>`` folder that holds the callback's state
 STATE_FILE = "gradwatch.pt"
-
-
-def _find_trainer(max_depth: int = 12) -> tuple[Trainer | None, Any]:
-    """The ``Trainer`` whose loop is calling this callback event, and its ``resume_from_checkpoint``.
-
-    Callbacks are not handed the Trainer, so look at the frames of the call:
-    the event was raised from a method of the Trainer (``self``).
-    """
-    here = inspect.currentframe()
-    frame = here.f_back if here is not None else None
-    try:
-        for _ in range(max_depth):
-            if frame is None:
-                break
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                return owner, frame.f_locals.get("resume_from_checkpoint")
-            frame = frame.f_back
-        return None, None
-    finally:
-        del here, frame  # no reference cycles through the frames
 
 
 class _Patch:
@@ -89,7 +70,13 @@ class _Patch:
             vars(self.obj).pop(self.name, None)
 
 
-class GradWatchCallback(TrainerCallback):
+def _total_norm(grads: list[torch.Tensor | None], norm_type: float) -> torch.Tensor:
+    """The global ``norm_type``-norm of ``grads`` (what ``clip_grad_norm_`` returns), on their device."""
+    total = torch.nn.utils.get_total_norm([g for g in grads if g is not None], norm_type)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total  # DTensor gradients
+
+
+class GradWatchCallback(WatchCallback, TrainerCallback):
     """A ``transformers.TrainerCallback`` that runs a :class:`~gradwatch.GradWatch` on the Trainer's model.
 
     At every optimizer step (one row per ``state.global_step`` under
@@ -100,18 +87,28 @@ class GradWatchCallback(TrainerCallback):
     logs. To clip with gradwatch instead of the Trainer, pass a clipper and set
     ``TrainingArguments(max_grad_norm=0)`` (the callback warns if both clip).
 
+    Callbacks are not handed their Trainer, so give it with :meth:`bind`
+    (``GradWatchCallback(...).bind(trainer)``, which also adds the callback to
+    the Trainer). Unbound, the callback warns and records in
+    ``on_pre_optimizer_step``: after the Trainer's clipping.
+
     With ``log=True`` the newest row is added to the Trainer's training logs at
     its logging steps (``logging_steps``), so ``state.log_history`` and every
     ``report_to`` integration (TensorBoard, W&B, MLflow, ...) receive it:
     ``{log_prefix}total``, ``{log_prefix}total_clipped`` (with a clipper) and one
     ``{log_prefix}{group}`` per group of parameters.
 
+    A detector with ``action="skip"`` drops the step's gradients before the
+    Trainer clips; the Trainer then logs, as ``grad_norm`` of that step, the
+    pre-clip norm of the dropped gradients (``h.total``: NaN or Inf for a
+    non-finite step), not the 0.0 of the empty gradients it would measure.
+
     With fp16 AMP the watch gets the Trainer's ``GradScaler``: the scale is
     recorded and overflow steps are labelled ``"amp_overflow"``.
 
     The clipper's and detectors' state is written to ``gradwatch.pt`` in every
     checkpoint folder and restored by ``trainer.train(resume_from_checkpoint=...)``,
-    so AutoClip's history continues exactly.
+    so AutoClip's history continues exactly; resuming without that file warns.
 
     Args:
         clipper: a :class:`~gradwatch.Clipper` applied at every optimizer step, or None.
@@ -138,109 +135,116 @@ class GradWatchCallback(TrainerCallback):
         >>> cb.watch is None  # the watch is built when train() starts
         True
 
-        Then ``Trainer(..., args=TrainingArguments(..., max_grad_norm=0), callbacks=[cb]).train()``
-        and read ``cb.history``.
+        Then ``trainer = Trainer(..., args=TrainingArguments(..., max_grad_norm=0))``,
+        ``cb.bind(trainer)``, ``trainer.train()`` and read ``cb.history``.
     """
 
-    def __init__(
-        self,
-        clipper: Clipper | None = None,
-        detectors: Sequence[Detector] = (),
-        sinks: Sequence[Any] = (),
-        every: int = 1,
-        log: bool = True,
-        *,
-        log_groups: int | str | Callable[[str], str] | None = 1,
-        log_prefix: str = "grad_norm/",
-        measure: str | None = None,
-        flush_every: int = 100,
-    ) -> None:
-        self.detectors, self.sinks = check_callback_args(clipper, detectors, sinks, every, log, log_groups, log_prefix)
-        self.clipper = clipper
-        self.every = int(every)
-        self.log = log
-        self.log_groups = log_groups
-        self.log_prefix = log_prefix
-        self.measure = measure
-        self.flush_every = flush_every
-        self.watch: GradWatch | None = None
-        self._latest: LatestRow | None = None
-        self._patches: list[_Patch] = []
-        self._stepped = False  # the watch has stepped since the last optimizer step
-        self._logged_step: int | None = None
-        self._open = False
-        self._warned_fallback = False
-        self._scaler: Any | None = None
-        self._accelerator: Any | None = None
+    _run_name = "train()"
+    _trainer: weakref.ref[Trainer] | None = None  # set by bind()
+    _resume: Any = None  # train()'s resume_from_checkpoint, while a bound Trainer trains
+    _patches: list[_Patch] = []  # noqa: RUF012 - replaced, never mutated, per instance
+    _warned_fallback = False
+    _accelerator: Any = None
+    _optimizer: Any = None
+
+    # -- the Trainer --------------------------------------------------------------------
+    def bind(self, trainer: Trainer) -> GradWatchCallback:
+        """Give the callback the Trainer that runs it; add the callback to ``trainer`` if it is not there yet.
+
+        With its Trainer the callback measures inside the Trainer's
+        ``accelerator.clip_grad_norm_`` (pre-clip, before anything scales the
+        gradients), adds its metrics through ``trainer.log`` and learns the
+        ``resume_from_checkpoint`` given to ``trainer.train``. Only a weak
+        reference to the Trainer is kept.
+
+        Returns:
+            ``self``, so ``cb = GradWatchCallback(...).bind(trainer)`` works.
+
+        Raises:
+            TypeError: ``trainer`` is not a ``transformers.Trainer``.
+
+        Example:
+            >>> import tempfile
+            >>> from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8))
+            >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to="none")
+            >>> trainer = Trainer(model=model, args=args)
+            >>> cb = GradWatchCallback().bind(trainer)
+            >>> cb in trainer.callback_handler.callbacks
+            True
+        """
+        check_instance(trainer, "trainer", Trainer, "a transformers.Trainer")
+        if self._trainer is not None and self._trainer() is trainer:
+            return self
+        if not any(cb is self for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        self._trainer = weakref.ref(trainer)
+        train = trainer.train
+
+        def train_noting_the_checkpoint(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+            self._resume = resume_from_checkpoint
+            try:
+                return train(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self._resume = None
+
+        train_noting_the_checkpoint.__doc__ = train.__doc__
+        trainer.train = train_noting_the_checkpoint
+        return self
 
     # -- start --------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        """Build the watch, restore its state when resuming, and wrap the Trainer's clipping."""
-        trainer, resume = _find_trainer()
-        self._close()
-        previous = self.watch
-        if model is None:
-            model = trainer.model if trainer is not None else None
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        """Build the watch, restore its state when resuming, and wrap the bound Trainer's clipping and logging."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None and model is not None and model is not trainer.model:
+            trainer = None  # bound to another Trainer than the one running now
+        if model is None and trainer is not None:
+            model = trainer.model
         if model is None:
             raise RuntimeError("GradWatchCallback.on_train_begin was called without the model")
-        scaler = getattr(trainer.accelerator, "scaler", None) if trainer is not None else None  # fp16 AMP
-        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self._accelerator = trainer.accelerator if trainer is not None else None
-        measure = self.measure or ("step" if args.fp16 or args.world_size > 1 else "auto")
-        self._latest = LatestRow(self.log_groups, self.log_prefix, clipped=self.clipper is not None)
-        self.watch = GradWatch(
-            model,
-            clipper=self.clipper,
-            detectors=self.detectors,
-            sinks=[*self.sinks, self._latest] if self.log else list(self.sinks),
-            every=self.every,
-            flush_every=self.flush_every,
-            measure=measure,
-            scaler=self._scaler,
-        )
-        self._open = True
-        self._stepped = False
-        self._logged_step = None
-        device = next(p.device for p in model.parameters())
-        saved = self._saved_state(args, state, resume)
+        accelerator = trainer.accelerator if trainer is not None else None
+        scaler = getattr(accelerator if accelerator is not None else optimizer, "scaler", None)  # fp16 AMP
+        self._accelerator, self._optimizer = accelerator, optimizer
+        saved = self._checkpoint_file(args, state)
         if saved is not None:
-            self.watch.load_state_dict(torch.load(saved, map_location=device, weights_only=True)["watch"])
-        elif previous is not None:  # a second train() with the same callback: continue counting
-            self.watch.load_state_dict(previous.state_dict())
+            self._pending_state = torch.load(saved, map_location="cpu", weights_only=True)["watch"]
+        self._build_watch(model, scaler=scaler, fused=bool(args.fp16) or args.world_size > 1)
         if self.clipper is not None and args.max_grad_norm and args.max_grad_norm > 0:
-            warnings.warn(
-                f"GradWatchCallback has a clipper ({self.clipper!r}) and TrainingArguments.max_grad_norm="
-                f"{args.max_grad_norm} clips too: gradwatch clips first, then the Trainer. "
+            self._warn_double_clip(
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm}",
                 "Set max_grad_norm=0 to clip with gradwatch only.",
-                UserWarning,
-                stacklevel=2,
             )
         if trainer is None:
             warnings.warn(
-                "GradWatchCallback could not find the Trainer that runs it: it records in on_pre_optimizer_step, "
-                "after the Trainer's clipping (post-clip norms unless max_grad_norm=0), and logs through on_log",
+                "GradWatchCallback is not bound to the Trainer that runs it (call cb.bind(trainer) before train()): "
+                "it records in on_pre_optimizer_step, after the Trainer's clipping (post-clip norms unless "
+                "max_grad_norm=0, and a NaN gradient has reached every parameter by then), and logs through on_log",
                 UserWarning,
                 stacklevel=2,
             )
             return
-        accelerator = trainer.accelerator
-        self._patches.append(_Patch(accelerator, "clip_grad_norm_", self._wrap_clip(accelerator)))
-        self._patches.append(_Patch(trainer, "log", self._wrap_log(trainer.log)))
+        self._patches = [
+            _Patch(accelerator, "clip_grad_norm_", self._wrap_clip(accelerator)),
+            _Patch(trainer, "log", self._wrap_log(trainer.log)),
+        ]
 
-    def _saved_state(self, args: Any, state: Any, resume: Any) -> str | None:
-        folder = resume if isinstance(resume, (str, os.PathLike)) else None
-        if folder is None and state.global_step > 0:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if folder is None:
+    def _checkpoint_file(self, args: Any, state: Any) -> str | None:
+        """The state file of the checkpoint this run resumes from, if it resumes (warns if it lacks the file)."""
+        if state.global_step == 0:  # the Trainer restored no checkpoint
             return None
+        folder = self._resume
+        if folder is True:
+            folder = get_last_checkpoint(args.output_dir)
+        if not isinstance(folder, (str, os.PathLike)) and isinstance(args.resume_from_checkpoint, str):
+            folder = args.resume_from_checkpoint  # what HF's example scripts pass to train()
+        if not isinstance(folder, (str, os.PathLike)):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, STATE_FILE)
         if os.path.isfile(path):
             return path
-        warnings.warn(
-            f"resuming from {os.fspath(folder)!r} without {STATE_FILE}: the clipper and detectors start afresh",
-            UserWarning,
-            stacklevel=3,
-        )
+        self._warn_no_state(f"{os.fspath(folder)!r} (no {STATE_FILE})")
         return None
 
     # -- the measurement point ----------------------------------------------------------
@@ -248,14 +252,20 @@ class GradWatchCallback(TrainerCallback):
         clip = accelerator.clip_grad_norm_  # the bound method (or whatever was there)
 
         def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kw: Any) -> Any:
-            if not self._open or self._stepped:
+            if not self._open or self._stepped or self.watch is None:
                 return clip(parameters, max_norm, norm_type, **kw)
-            if math.isinf(max_norm):  # max_grad_norm=0: the Trainer only measures, for its grad_norm log
-                total = clip(parameters, max_norm, norm_type, **kw)  # unscales; the pre-clip norm
-                self._step()
-                return total
             accelerator.unscale_gradients()  # a no-op unless fp16 AMP
-            self._step()
+            grads = [p.grad for p in self.watch.params]
+            measure_only = math.isinf(max_norm)  # max_grad_norm=0: the Trainer wants its grad_norm log only
+            pre = _total_norm(grads, norm_type) if measure_only else None  # reads the gradients, scales nothing
+            # the watch sees the gradients before anything scales them, whatever max_norm is: the Trainer's
+            # clip_grad_norm_(params, inf) multiplies every gradient by inf/(nan+1e-6) = NaN if one holds a NaN
+            self._step_watch()
+            if all(p.grad is None for p in self.watch.params) and any(g is not None for g in grads):
+                # a detector skipped the step (dropped the gradients): log their pre-clip norm, not 0.0
+                return pre if pre is not None else torch.tensor(self.watch.history.total[-1])
+            if measure_only:
+                return pre  # clip_grad_norm_(params, inf) would only multiply every gradient by 1
             undo = _Patch(accelerator, "unscale_gradients", lambda *a, **k: None)  # unscaled once already
             try:
                 return clip(parameters, max_norm, norm_type, **kw)
@@ -264,17 +274,12 @@ class GradWatchCallback(TrainerCallback):
 
         return clip_grad_norm_
 
-    def _step(self) -> None:
-        assert self.watch is not None
-        self.watch.step()
-        self._stepped = True
-
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Step the watch here if the Trainer did not go through ``accelerator.clip_grad_norm_``."""
         if not self._open:
             return
         if not self._stepped:
-            if args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_fallback:
+            if self._patches and args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_fallback:
                 self._warned_fallback = True
                 warnings.warn(
                     "GradWatchCallback measured after the Trainer's gradient clipping (it did not call "
@@ -282,22 +287,15 @@ class GradWatchCallback(TrainerCallback):
                     UserWarning,
                     stacklevel=2,
                 )
-            if self._scaler is not None and not unscaled_this_step(self._scaler):
-                self._accelerator.unscale_gradients()  # the Trainer's own path did not unscale
-            self._step()
+            if self._scaler is not None and not unscaled_this_step(self._scaler):  # the Trainer did not unscale
+                if self._accelerator is not None:
+                    self._accelerator.unscale_gradients()
+                else:
+                    self._scaler.unscale_(getattr(self._optimizer, "optimizer", self._optimizer))
+            self._step_watch()
         self._stepped = False
 
     # -- logging ------------------------------------------------------------------------
-    def _new_metrics(self) -> dict[str, float]:
-        if not self.log or self.watch is None or self._latest is None:
-            return {}
-        self.watch.flush()  # one device-to-host copy per logging step
-        latest = self._latest
-        if latest.step is None or latest.step == self._logged_step:
-            return {}
-        self._logged_step = latest.step
-        return dict(latest.metrics)
-
     def _wrap_log(self, log: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
             if self._open and "loss" in logs:  # the training logs, not evaluation or the final summary
@@ -307,18 +305,19 @@ class GradWatchCallback(TrainerCallback):
         return wrapped
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
-        """Without the Trainer at hand (no wrapped ``log``), add the metrics here for the callbacks after this one."""
+        """Unbound (no wrapped ``log``), add the metrics here for the callbacks after this one."""
         if self._open and not self._patches and logs is not None and "loss" in logs:
             logs.update(self._new_metrics())
 
     # -- checkpoints and the end ----------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the clipper's and detectors' state next to the Trainer's checkpoint."""
-        if self.watch is None or not state.is_world_process_zero:
+        saved = self._saved_state()
+        if saved is None or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save({"watch": self.watch.state_dict()}, os.path.join(folder, STATE_FILE))
+            torch.save({"watch": saved}, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the Trainer back as it was, flush the last rows and close the sinks."""
@@ -327,21 +326,5 @@ class GradWatchCallback(TrainerCallback):
     def _close(self) -> None:
         for p in reversed(self._patches):
             p.undo()
-        self._patches.clear()
-        if self.watch is not None and self._open:
-            self._open = False
-            self.watch.close()
-
-    @property
-    def history(self) -> History:
-        """The recorded :class:`~gradwatch.History` of the last ``train()``.
-
-        Raises:
-            RuntimeError: the callback has not run yet.
-        """
-        if self.watch is None:
-            raise RuntimeError("GradWatchCallback.history: no train() has run with this callback yet")
-        return self.watch.history
-
-    def __repr__(self) -> str:
-        return f"GradWatchCallback(clipper={self.clipper!r}, every={self.every}, log={self.log})"
+        self._patches = []
+        super()._close()

@@ -390,51 +390,72 @@ class Spike(Detector):
         return {**super()._config(), "values": self._width()}
 
     def reset(self) -> None:
-        self._state: dict[str, Tensor] | None = None
+        self._stats: Tensor | None = None  # [3, values]: rows mean, var, finite observations (saturating at W)
         self._missing_idx: dict[tuple[int, ...], Tensor] = {}
-        self._table: Tensor | None = None
+        self._tables: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _weights(self, device: torch.device) -> Tensor:
-        """``[4, W + 1]`` per-count constants: the update weight w, 1 - w, the variance weight c, the bound offset.
+    def _weights(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-count constants ``(A [3, W + 1], B [3, W + 1], offset [W + 1])`` of the one-step update.
 
-        With k finite observations seen, an observation x (capped at the
-        threshold) moves the statistics by ``delta = x - mean``:
-        ``mean += w * delta`` and ``var = (1 - w) * var + c * delta**2``. While
-        warming up (k < W) ``w = 1 / (k + 1)`` and ``c = w (1 - w)``: Welford's
-        recursion for the population mean and variance. After it ``w = 1 - alpha``
-        and ``c = (1 - alpha) alpha**2``: the EMA ``mean = a mean + (1 - a) x``,
-        ``var = a var + (1 - a)(x - mean_new)**2``. The offset is inf while warming up.
+        With k finite observations seen (k saturates at W), an observation x,
+        capped at the threshold, moves the statistics ``s = [mean, var, k]`` by
+        ``delta = x - mean``::
+
+            s <- s * A[:, k] + B[:, k] * [delta, delta**2, 1]
+
+        i.e. ``mean += w * delta``, ``var = (1 - w) * var + c * delta**2``,
+        ``k += 1`` until W. While warming up (k < W) ``w = 1 / (k + 1)`` and
+        ``c = w (1 - w)``: Welford's recursion for the population mean and
+        variance. After it ``w = 1 - alpha`` and ``c = (1 - alpha) alpha**2``:
+        the EMA ``mean = a mean + (1 - a) x``, ``var = a var + (1 - a)(x - mean_new)**2``.
+        The threshold is ``mean + offset[k] + z_thresh * sqrt(var)`` with
+        ``offset = z_thresh * eps`` (inf while warming up).
         """
-        if self._table is None or self._table.device != device:
+        if self._tables is None or self._tables[0].device != device:
             W, a = self.warmup_steps, self.alpha
             k = torch.arange(W + 1, dtype=torch.float64)
-            w = torch.where(k < W, 1.0 / (k + 1), 1.0 - a)
-            c = torch.where(k < W, w * (1 - w), (1 - a) * a * a)
-            off = torch.where(k < W, math.inf, 0.0)
-            self._table = torch.stack([w, 1 - w, c, off]).to(device)
-        return self._table
+            warm = k < W
+            w = torch.where(warm, 1.0 / (k + 1), 1.0 - a)
+            c = torch.where(warm, w * (1 - w), (1 - a) * a * a)
+            one = torch.ones_like(k)
+            A = torch.stack([one, 1 - w, one])
+            B = torch.stack([w, c, warm.double()])
+            off = torch.where(warm, math.inf, self.z_thresh * self.eps)
+            self._tables = (A.to(device), B.to(device), off.to(device))
+        return self._tables
+
+    def _ready(self, like: Tensor) -> Tensor:
+        """The statistics tensor on ``like``'s device (zeros on first use)."""
+        if self._stats is None:
+            self._place(torch.zeros(3, self._width(), dtype=torch.float64, device=like.device))
+        elif self._stats.device != like.device:
+            self._place(self._stats.to(like.device))
+        assert self._stats is not None
+        return self._stats
+
+    def _place(self, st: Tensor) -> None:
+        """Keep ``st`` as the statistics, with its row views made once (no view op per step)."""
+        self._stats = st
+        self._mean, self._var, self._seen = st.unbind()
+        self._powers = torch.tensor([[1.0], [2.0], [0.0]], dtype=torch.float64, device=st.device)
 
     def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
-        x = obs.total.reshape(1)
+        """One small tensor program over the stacked statistics: no host sync, the same ops for any width."""
+        x = obs.total
         if self.per_param:
-            x = torch.cat([x, obs.norms.to(x)])
-        x = x.to(torch.float64)
-        if self.per_param and obs.missing:  # a missing gradient is no observation
-            key = tuple(obs.missing)
-            if key not in self._missing_idx:
-                self._missing_idx[key] = torch.tensor([1 + i for i in key], device=x.device)
-            x = x.index_fill(0, self._missing_idx[key], math.nan)
-        if self._state is None:
-            zero = torch.zeros_like(x)
-            self._state = {"n": zero.long(), "mean": zero, "var": zero.clone()}
-        s = self._state
-        w, one_minus_w, c, off = self._weights(x.device)[:, s["n"].clamp(max=self.warmup_steps)].unbind()
-        thr = s["mean"] + self.z_thresh * (s["var"].sqrt() + self.eps) + off
-        finite = x.abs() < math.inf  # False for NaN and +-inf
-        delta = torch.minimum(x, thr) - s["mean"]
-        s["mean"] = torch.where(finite, torch.addcmul(s["mean"], w, delta), s["mean"])
-        s["var"] = torch.where(finite, torch.addcmul(one_minus_w * s["var"], c, delta.square()), s["var"])
-        s["n"] = s["n"] + finite
+            x = torch.cat([x.reshape(1), obs.norms])
+            if obs.missing:  # a missing gradient is no observation
+                key = tuple(obs.missing)
+                if key not in self._missing_idx:
+                    self._missing_idx[key] = torch.tensor([1 + i for i in key], device=x.device)
+                x = x.index_fill(0, self._missing_idx[key], math.nan)
+        st = self._ready(x)
+        A, B, off = self._weights(x.device)
+        k = self._seen.long()
+        thr = torch.add(self._mean + off.index_select(0, k), self._var.sqrt(), alpha=self.z_thresh)
+        delta = torch.minimum(x, thr) - self._mean  # float64 (x is promoted)
+        new = torch.addcmul(st * A.index_select(1, k), B.index_select(1, k), delta.pow(self._powers))
+        torch.where(x < math.inf, new, st, out=st)  # NaN and inf are no observation
         fired = (x > thr).any() if self.needs_flag else None
         return {"threshold": thr}, fired
 
@@ -448,8 +469,8 @@ class Spike(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         st = super().state_dict()
-        if self._state is not None:
-            st.update({k: v.clone() for k, v in self._state.items()})
+        if self._stats is not None:
+            st.update(n=self._seen.long(), mean=self._mean.clone(), var=self._var.clone())
         return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -461,8 +482,10 @@ class Spike(Detector):
                     f"Spike.load_state_dict: the state watches {state['mean'].numel()} values, this detector "
                     f"{self._width()} (per_param={self.per_param}, {len(self.names)} parameters)"
                 )
-            self._state = {k: state[k].clone() for k in ("n", "mean", "var")}
-            self._state["n"] = self._state["n"].long()
+            mean = state["mean"].to(torch.float64).reshape(-1)
+            seen = state["n"].to(mean.device).clamp(max=self.warmup_steps).to(torch.float64).reshape(-1)
+            var = state["var"].to(device=mean.device, dtype=torch.float64).reshape(-1)
+            self._place(torch.stack([mean, var, seen]))
 
 
 class Vanishing(Detector):

@@ -49,6 +49,7 @@ from gradwatch.plot import (
     plot_taps,
 )
 from gradwatch.sinks import CallbackSink, CSVSink, JSONLSink, Sink, TensorBoardSink, read_csv, read_jsonl
+from gradwatch.stats import NoiseScale
 from gradwatch.syncs import count_host_syncs
 from gradwatch.watch import GradWatch
 
@@ -82,6 +83,7 @@ __all__ = [
     "History",
     "Incident",
     "JSONLSink",
+    "NoiseScale",
     "NonFinite",
     "Onset",
     "Sink",

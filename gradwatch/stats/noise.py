@@ -1,0 +1,312 @@
+"""The gradient noise scale ``B_simple``, measured online from the gradients a run already computes.
+
+Under gradient accumulation (or data parallelism) every optimizer step sees the
+gradient at two batch sizes: each backward call delivers the gradient of one
+micro-batch (``B_small`` examples), and the step's gradient is their mean
+(``B_big = n * B_small`` examples, ``n`` = micro-batches x ranks). The two
+squared norms give unbiased estimates of ``|G|^2`` and ``tr(Sigma)``, whose
+ratio is the critical-batch-size estimate ``B_simple`` of McCandlish et al.
+(2018), *An Empirical Model of Large-Batch Training*, arXiv:1812.06162,
+Appendix A.1. See :class:`NoiseScale` and the guide page ``guide/noise_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradwatch._validate import check_float, check_int
+from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
+from gradwatch.distributed import check_process_group, is_dtensor
+from gradwatch.norms import accumulation_dtype, sparse_values
+
+__all__ = ["NoiseScale"]
+
+
+def _square(g: Tensor) -> Tensor:
+    """``|g|^2`` as a 0-d tensor: one ``torch.dot`` for float32/float64 (read at memory speed).
+
+    Half precision is accumulated in float32, complex and sparse tensors through ``vector_norm``.
+    """
+    g = sparse_values(g).detach()  # create_graph=True gradients are part of a graph
+    if g.dtype.is_floating_point and accumulation_dtype(g.dtype) is None:
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.dtype)).square()
+
+
+class NoiseScale(Contributor):
+    r"""The gradient noise scale ``B_simple = tr(Σ)/|G|²`` at every recorded step, sync-free.
+
+    McCandlish, Kaplan, Amodei et al., *An Empirical Model of Large-Batch
+    Training* (2018), arXiv:1812.06162, Appendix A.1: from the squared norms of
+    gradients taken at two batch sizes ``B_s < B_b``,
+
+    .. math::
+
+        |\mathcal{G}|^2 = \frac{B_b |G_{B_b}|^2 - B_s |G_{B_s}|^2}{B_b - B_s},\qquad
+        \mathcal{S} = \frac{|G_{B_s}|^2 - |G_{B_b}|^2}{1/B_s - 1/B_b}
+
+    are unbiased estimates of ``|G|²`` and ``tr(Σ)`` (``Σ`` the per-example
+    gradient covariance), and ``B_simple = E[S]/E[|G|²]``, the batch size
+    beyond which a larger batch stops cutting the number of steps.
+
+    At a step with ``K`` backward calls on each of ``R`` data-parallel ranks,
+    the ``n = K·R`` micro-batch gradients ``G_j`` (``B_s = batch_size``
+    examples each) and their mean ``G_big`` (``B_b = n·B_s`` examples) give
+
+    * ``s2 = mean_j |G_j|²``, ``b2 = |G_big|²``;
+    * ``grad_sq = (B_b·b2 − B_s·s2)/(B_b − B_s)`` and
+      ``trace = (s2 − b2)/(1/B_s − 1/B_b)``;
+    * ``b_simple = E_trace/E_grad_sq`` with ``E_t = alpha·E_{t−1} + (1 − alpha)·x_t``,
+      ``E_0 = x_0``, over the recorded steps whose ``grad_sq`` and ``trace`` are
+      both finite (the others leave the averages as they were).
+
+    **How the gradients are read.** A tensor hook on every parameter receives
+    ``c_j``, the gradient that backward call adds to ``.grad`` -- before it is
+    added, so no copy is kept: one ``torch.dot(c_j, c_j)`` per parameter per
+    backward call. ``G_big`` is the step's gradient ``g`` as the watch
+    measures it (pre-clip, AMP-unscaled, after DDP's averaging), so
+    ``b2 = total²``; each micro-batch gradient is taken in the same units,
+    ``G_j = K·c_j/S`` where ``S`` is the factor between the hooks' gradients
+    and ``g`` (``S = 1`` without a ``GradScaler``; with one,
+    ``S = |Σ_j c_j|/|g|``, measured by one more ``torch.dot`` per parameter
+    in a post-accumulate-grad hook). ``K·c_j`` is the micro-batch gradient of
+    the mean loss when, as usual, each backward call carries ``loss / K``
+    (mean convention: then ``g = G_big`` exactly). With the sum convention
+    (``loss`` itself, ``g = K·G_big``) ``grad_sq`` and ``trace`` are
+    ``K²`` times the mean-loss values; any scaling of the loss -- mean or sum,
+    a per-example sum, a ``GradScaler``'s factor -- cancels in ``b_simple``.
+    ``K`` is counted: the largest number of hook calls of any parameter since
+    the previous step.
+
+    ``n = 1`` (no accumulation, one process) has no second batch size: that
+    step's three columns are NaN and a warning, given once, says why.
+
+    Under ``torch.distributed`` the gradients are assumed to be averaged over
+    ``process_group`` (DDP); the local sums and the backward counts go into one
+    all-reduce of two numbers per step (none with one rank), so every rank
+    records the same row. DTensor parameters (FSDP2, HSDP, tensor parallel)
+    and a ``GradScaler`` together with several ranks are not supported
+    (``NotImplementedError`` when the watch is built). Hooks skip their work on
+    steps the watch does not record (``every > 1``).
+
+    Columns (``History.stats``): ``"noise.grad_sq"``, ``"noise.trace"``,
+    ``"noise.b_simple"``, one float per recorded step.
+
+    Args:
+        batch_size: ``B_s``, the examples of one backward call on one rank.
+        alpha: the weight of the past in the moving averages, in ``[0, 1)``
+            (0: ``b_simple`` is the step's own ratio).
+        process_group: the data-parallel group the gradients are averaged
+            over; default: the world group when ``torch.distributed`` is
+            initialised, else none.
+
+    Raises:
+        TypeError: ``batch_size`` is not an integer, ``alpha`` not a number,
+            ``process_group`` not a group.
+        ValueError: ``batch_size < 1``, ``alpha`` outside ``[0, 1)``.
+
+    Example:
+        Two micro-batches of two examples, ``w = 0``, per-example gradients
+        ``-y·x = -1, -3`` and ``-5, -7``: ``G_1 = -2``, ``G_2 = -6``,
+        ``G_big = -4``, so ``s2 = 20``, ``b2 = 16``, ``grad_sq = (4·16 − 2·20)/2
+        = 12``, ``trace = (20 − 16)/(1/2 − 1/4) = 16``:
+
+        >>> import torch, gradwatch as gw
+        >>> lin = torch.nn.Linear(1, 1, bias=False); _ = torch.nn.init.zeros_(lin.weight)
+        >>> watch = gw.GradWatch(lin, stats=[gw.NoiseScale(batch_size=2)])
+        >>> x = torch.ones(2, 1)
+        >>> for y in ([1.0, 3.0], [5.0, 7.0]):  # accumulation, mean convention: loss / K
+        ...     loss = 0.5 * (lin(x).squeeze(1) - torch.tensor(y)).square().mean()
+        ...     (loss / 2).backward()
+        >>> watch.step()
+        >>> s = watch.history.stats
+        >>> s["noise.grad_sq"], s["noise.trace"], s["noise.b_simple"].round(4)
+        (array([12.], dtype=float32), array([16.], dtype=float32), array([1.3333], dtype=float32))
+    """
+
+    prefix = "noise"
+
+    def __init__(self, batch_size: int, alpha: float = 0.95, *, process_group: Any = None) -> None:
+        self.batch_size = check_int(batch_size, "batch_size", min=1)
+        self.alpha = check_float(alpha, "alpha", min=0.0, max=1.0, max_open=True)
+        self.process_group = check_process_group(process_group)
+        self._hot, self._boundary = True, False
+        self._handles: list[Any] = []
+        self._warned = False
+        self._ema: Tensor | None = None
+        self._started: Tensor | None = None
+
+    # -- the watch sets ``hot`` once per step, before the step's contributors observe: a step boundary
+    @property  # type: ignore[override]
+    def hot(self) -> bool:
+        """Whether the coming step is recorded (set by the watch once per step); hooks idle when it is not."""
+        return self._hot
+
+    @hot.setter
+    def hot(self, value: bool) -> None:
+        self._hot = bool(value)
+        self._boundary = True  # what the hooks saw so far belongs to the step that just ran
+
+    def bind(self, binding: Binding) -> None:
+        """Register one tensor hook per parameter (and, with AMP, a post-accumulate-grad hook).
+
+        Raises:
+            NotImplementedError: DTensor parameters (FSDP2, HSDP, tensor
+                parallel), or a ``GradScaler`` with several data-parallel ranks.
+        """
+        super().bind(binding)
+        if any(is_dtensor(p) for p in binding.params):
+            raise NotImplementedError(
+                "NoiseScale does not support DTensor parameters (FSDP2, HSDP, tensor parallel) yet: its hooks "
+                "would see shard-local gradients; use it with DDP or on one process"
+            )
+        self._world = self._world_size()
+        if binding.amp and self._world > 1:
+            raise NotImplementedError(
+                "NoiseScale with a GradScaler on several data-parallel ranks is not supported yet: the scale of "
+                "the hooks' gradients relative to the averaged step gradient is not measured there"
+            )
+        self._amp = binding.amp
+        dev, dt = binding.device, binding.dtype
+        self._ema = torch.zeros(2, device=dev, dtype=dt)  # [E_grad_sq, E_trace]
+        self._started = torch.zeros((), device=dev, dtype=torch.bool)
+        self._nan = torch.full((), math.nan, device=dev, dtype=dt)
+        self._reset()
+        self.close()
+        for i, p in enumerate(binding.params):
+            self._handles.append(p.register_hook(self._contribution_hook(i)))
+            if self._amp:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._sum_hook(i)))
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group is not None:
+                raise ValueError("NoiseScale(process_group=...) needs torch.distributed to be initialised")
+            return 1
+        return dist.get_world_size(self._group())
+
+    def _group(self) -> Any:
+        pg = self.process_group
+        return pg.get_group() if hasattr(pg, "get_group") else pg  # a 1-D DeviceMesh, a ProcessGroup or None
+
+    def _reset(self) -> None:
+        """Forget the hooks' values: a new step begins."""
+        self._sq: list[Tensor] = []  # |c_j|^2 of every parameter and backward call since the last step
+        self._sums: dict[int, Tensor] = {}  # AMP: |sum_j c_j|^2 per parameter (the latest accumulated .grad)
+        self._counts = [0] * len(self.binding.params)
+        self._boundary = False
+
+    def _contribution_hook(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if not self._hot:
+                return
+            if self._boundary:
+                self._reset()
+            self._counts[i] += 1
+            self._sq.append(self._as_row(_square(grad)))
+
+        return hook
+
+    def _sum_hook(self, i: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if self._hot and param.grad is not None:
+                self._sums[i] = self._as_row(_square(param.grad))
+
+        return hook
+
+    def _as_row(self, t: Tensor) -> Tensor:
+        b = self.binding
+        return t if t.dtype == b.dtype and t.device == b.device else t.to(b.device, b.dtype)
+
+    def columns(self) -> Mapping[str, int]:
+        return {"grad_sq": SCALAR, "trace": SCALAR, "b_simple": SCALAR}
+
+    def observe(self, view: StepView) -> Mapping[str, Tensor]:
+        """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync)."""
+        assert self._ema is not None and self._started is not None
+        k_local = max(self._counts, default=0)
+        sq = torch.stack(self._sq).sum() if self._sq else torch.zeros_like(self._nan)
+        sums = torch.stack(list(self._sums.values())).sum() if self._amp and self._sums else None
+        self._reset()
+        R = self._world
+        if R > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
+            t = torch.stack([sq, torch.full((), float(k_local), device=sq.device, dtype=sq.dtype)])
+            dist.all_reduce(t, group=self._group())
+            sq, n = t[0], t[1]
+        else:
+            n = k_local
+            if n < 2:
+                self._warn_once(n)
+                return {"grad_sq": self._nan, "trace": self._nan, "b_simple": self._nan}
+        b2 = view.total.square()
+        # G_j = K c_j / S with K = n / R: s2 = mean_j |G_j|^2 = (K^2 / S^2) * (sum |c|^2) / n
+        s2 = sq * n / (R * R)
+        if sums is not None:  # AMP: 1/S^2 = |g|^2 / |sum_j c_j|^2
+            s2 = s2 * b2 / sums
+        Bs = float(self.batch_size)
+        Bb = n * Bs
+        grad_sq = (Bb * b2 - Bs * s2) / (Bb - Bs)
+        trace = (s2 - b2) / (1.0 / Bs - 1.0 / Bb)
+        return {"grad_sq": grad_sq, "trace": trace, "b_simple": self._average(grad_sq, trace)}
+
+    def _average(self, grad_sq: Tensor, trace: Tensor) -> Tensor:
+        """Update the moving averages with the step's estimates if both are finite; their ratio."""
+        assert self._ema is not None and self._started is not None
+        x = torch.stack([grad_sq, trace])
+        ok = torch.isfinite(x).all()
+        moved = torch.where(self._started, self._ema * self.alpha + x * (1.0 - self.alpha), x)
+        self._ema.copy_(torch.where(ok, moved, self._ema))
+        self._started.logical_or_(ok)
+        return torch.where(self._started, self._ema[1] / self._ema[0], self._nan)
+
+    def _warn_once(self, n: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        why = (
+            "one backward call and one process: the step's gradient is the micro-batch gradient, so there is "
+            "no second batch size to compare; accumulate gradients over K >= 2 backward calls per step or "
+            "train data-parallel"
+            if n == 1
+            else "no backward call reached its hooks since the previous step (was the watch built after backward?)"
+        )
+        warnings.warn(f"NoiseScale: its columns are NaN at steps with {why}", UserWarning, stacklevel=4)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The moving averages (``E_grad_sq``, ``E_trace``, whether they started) and the warning flag."""
+        assert self._ema is not None and self._started is not None
+        return {"ema": self._ema.clone(), "started": self._started.clone(), "warned": self._warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called by ``GradWatch.load_state_dict``).
+
+        Raises:
+            ValueError: ``state`` is not a NoiseScale state.
+        """
+        if not isinstance(state, dict) or set(state) != {"ema", "started", "warned"}:
+            raise ValueError("state must be a dict from NoiseScale.state_dict() (keys 'ema', 'started', 'warned')")
+        ema = torch.as_tensor(state["ema"])
+        if ema.shape != (2,):
+            raise ValueError(f"state['ema'] must hold 2 numbers (E_grad_sq, E_trace), got shape {tuple(ema.shape)}")
+        if self._ema is None or self._started is None:
+            raise ValueError("NoiseScale.load_state_dict: bind it first (pass it to a GradWatch)")
+        self._ema.copy_(ema)
+        self._started.copy_(torch.as_tensor(state["started"]))
+        self._warned = bool(state["warned"])
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __repr__(self) -> str:
+        return f"NoiseScale(batch_size={self.batch_size}, alpha={self.alpha})"

@@ -1,0 +1,406 @@
+"""gw.NoiseScale: the gradient noise scale against references that store every micro-batch gradient.
+
+The references compute each micro-batch's mean-loss gradient G_j explicitly (on
+detached copies of the parameters, so the watch's hooks never see them) and
+apply the formulas of McCandlish et al. (2018), Appendix A.1, in float64:
+s2 = mean_j |G_j|^2, b2 = |mean_j G_j|^2, grad_sq = (B_b b2 - B_s s2)/(B_b - B_s),
+trace = (s2 - b2)/(1/B_s - 1/B_b), b_simple = EMA(trace)/EMA(grad_sq).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import gradwatch as gw
+
+B_S = 4  # examples per micro-batch
+ALPHA = 0.9
+STEPS = 4
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.up(x)))
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).square().mean()
+
+
+def micro_batches(step: int, k: int, bs: int = B_S) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(k * bs, 6, generator=g), torch.randn(k * bs, 3, generator=g)
+    return list(zip(x.split(bs), y.split(bs)))
+
+
+def micro_grads(model: nn.Module, mbs) -> list[np.ndarray]:
+    """Each micro-batch's mean-loss gradient, flattened, in float64 -- computed on detached parameter copies."""
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    out = []
+    for x, y in mbs:
+        gs = torch.autograd.grad(mse(functional_call(model, params, (x,)), y), list(params.values()))
+        out.append(torch.cat([g.reshape(-1) for g in gs]).double().numpy())
+    return out
+
+
+def reference(per_step: list[list[np.ndarray]], bs: int, alpha: float) -> dict[str, np.ndarray]:
+    """The issue's formulas, step by step, in float64."""
+    cols: dict[str, list[float]] = {"grad_sq": [], "trace": [], "b_simple": []}
+    ema = None
+    for gs in per_step:
+        n = len(gs)
+        s2 = np.mean([g @ g for g in gs])
+        big = np.mean(gs, axis=0)
+        b2 = big @ big
+        Bs, Bb = bs, n * bs
+        grad_sq = (Bb * b2 - Bs * s2) / (Bb - Bs)
+        trace = (s2 - b2) / (1 / Bs - 1 / Bb)
+        if np.isfinite(grad_sq) and np.isfinite(trace):
+            x = np.array([grad_sq, trace])
+            ema = x if ema is None else alpha * ema + (1 - alpha) * x
+        cols["grad_sq"].append(grad_sq)
+        cols["trace"].append(trace)
+        cols["b_simple"].append(math.nan if ema is None else ema[1] / ema[0])
+    return {k: np.array(v) for k, v in cols.items()}
+
+
+def train(k: int, *, convention: str = "mean", scaler=None, steps: int = STEPS, every: int = 1, clipper=None):
+    """``steps`` SGD steps with ``k`` accumulated micro-batches; the micro-batch gradients of each step."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    noise = gw.NoiseScale(batch_size=B_S, alpha=ALPHA)
+    watch = gw.GradWatch(model, stats=[noise], scaler=scaler, every=every, clipper=clipper)
+    watch.attach(opt)
+    per_step = []
+    for step in range(steps):
+        mbs = micro_batches(step, k)
+        per_step.append(micro_grads(model, mbs))
+        opt.zero_grad()
+        for x, y in mbs:
+            loss = mse(model(x), y) / (k if convention == "mean" else 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return watch.history, per_step, watch
+
+
+def assert_matches(stats, ref: dict[str, np.ndarray], factor: float = 1.0) -> None:
+    """``History.stats``-like columns against the reference (float32 tolerance); ``factor`` scales grad_sq and trace."""
+    for key in ("grad_sq", "trace"):
+        got = stats[f"noise.{key}"].astype(np.float64)
+        np.testing.assert_allclose(got, factor * ref[key], rtol=2e-4, atol=1e-6 * factor * np.abs(ref["trace"]).max())
+    np.testing.assert_allclose(stats["noise.b_simple"], ref["b_simple"], rtol=2e-4)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_equals_stored_micro_batch_reference(k):
+    h, per_step, _ = train(k)
+    assert h.stats["noise.grad_sq"].shape == (STEPS,)
+    assert h.stats["noise.b_simple"].dtype == np.float32
+    assert_matches(h.stats, reference(per_step, B_S, ALPHA))
+
+
+def test_sum_convention_same_b_simple_grad_sq_in_step_gradient_units():
+    """Backward of the un-divided loss: the step gradient is K G_big, so grad_sq and trace are K^2 larger."""
+    k = 4
+    h, per_step, _ = train(k, convention="sum")
+    assert_matches(h.stats, reference(per_step, B_S, ALPHA), factor=k**2)
+
+
+@pytest.mark.parametrize("convention", ["mean", "sum"])
+def test_grad_scaler_on_cpu_is_unscaled(convention):
+    k = 2
+    scaler = torch.amp.GradScaler("cpu", init_scale=3000.0)  # not a power of two: the unscale is inexact
+    h, per_step, _ = train(k, convention=convention, scaler=scaler)
+    assert np.all(h.scale == 3000.0)
+    assert_matches(h.stats, reference(per_step, B_S, ALPHA), factor=1.0 if convention == "mean" else k**2)
+
+
+def test_one_backward_one_process_is_nan_with_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h, _, _ = train(1, steps=3)
+    for key in ("grad_sq", "trace", "b_simple"):
+        assert np.isnan(h.stats[f"noise.{key}"]).all()
+    ours = [w for w in caught if "NoiseScale" in str(w.message)]
+    assert len(ours) == 1
+    assert "no second batch size" in str(ours[0].message)
+
+
+def test_non_finite_steps_are_left_out_of_the_averages():
+    """A step with an infinite gradient: its own columns are not finite, b_simple keeps the average before it."""
+    torch.manual_seed(0)
+    model = Net()
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA)])
+    per_step = []
+    for step in range(4):
+        mbs = micro_batches(step, 2)
+        gs = micro_grads(model, mbs)
+        model.zero_grad()
+        for j, (x, y) in enumerate(mbs):
+            loss = mse(model(x), y) / 2
+            if step == 2 and j == 1:
+                loss = loss * math.inf
+            loss.backward()
+        watch.step()
+        if step != 2:
+            per_step.append(gs)
+    h = watch.history
+    assert not np.isfinite(h.stats["noise.grad_sq"][2])
+    ref = reference(per_step, B_S, ALPHA)
+    keep = [0, 1, 3]
+    np.testing.assert_allclose(h.stats["noise.b_simple"][keep], ref["b_simple"], rtol=2e-4)
+    np.testing.assert_allclose(h.stats["noise.b_simple"][2], ref["b_simple"][1], rtol=2e-4)
+
+
+@pytest.mark.parametrize("clipper", [None, gw.ClipByGlobalNorm(1e9)])
+def test_every_second_step(clipper):
+    """Unrecorded steps neither count nor leak into the next recorded step (also when a clipper runs every step)."""
+    h, per_step, _ = train(2, steps=5, every=2, clipper=clipper)
+    assert h.steps.tolist() == [0, 2, 4]
+    assert_matches(h.stats, reference(per_step[::2], B_S, ALPHA))
+
+
+def test_zero_host_syncs_and_hooks_removed_at_close():
+    torch.manual_seed(0)
+    model = Net()
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S)])
+    for step in range(3):
+        with gw.count_host_syncs() as c:
+            model.zero_grad()
+            for x, y in micro_batches(step, 4):
+                (mse(model(x), y) / 4).backward()
+            watch.step()
+        assert c.syncs == 0
+    watch.close()
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_state_dict_continues_the_averages():
+    k, steps = 2, 4
+    h_full, _, _ = train(k, steps=steps)
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA)]).attach(opt)
+    for step in range(steps):
+        if step == 2:
+            state = first.state_dict()
+            first.close()
+            second = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA)]).attach(opt)
+            second.load_state_dict(state)
+        opt.zero_grad()
+        for x, y in micro_batches(step, k):
+            (mse(model(x), y) / k).backward()
+        opt.step()
+    np.testing.assert_allclose(second.history.stats["noise.b_simple"], h_full.stats["noise.b_simple"][2:], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"NoiseScale\.state_dict"):
+        second.stats[0].load_state_dict({"ema": 1.0})
+
+
+def test_csv_and_jsonl_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    csv, jsonl = tmp_path / "run.csv", tmp_path / "run.jsonl"
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S)], sinks=[gw.CSVSink(csv), gw.JSONLSink(jsonl)])
+    for step in range(3):
+        model.zero_grad()
+        for x, y in micro_batches(step, 2):
+            (mse(model(x), y) / 2).backward()
+        watch.step()
+    watch.close()
+    h = watch.history
+    for back in (gw.read_csv(csv), gw.read_jsonl(jsonl)):
+        for key in ("noise.grad_sq", "noise.trace", "noise.b_simple"):
+            np.testing.assert_array_equal(back.stats[key], h.stats[key])
+
+
+def test_plot_stats_draws_b_simple():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    h, _, _ = train(2, steps=3)
+    ax = gw.plot_stats(h, ["noise.b_simple"])
+    (line,) = ax.get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), h.stats["noise.b_simple"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer in"),
+        ({"batch_size": 8.0}, TypeError, "batch_size must be an integer"),
+        ({"batch_size": True}, TypeError, "batch_size must be an integer"),
+        ({"batch_size": 8, "alpha": 1.0}, ValueError, r"alpha must be a finite number >= 0 and < 1"),
+        ({"batch_size": 8, "alpha": -0.1}, ValueError, r"alpha must be a finite number >= 0 and < 1"),
+        ({"batch_size": 8, "alpha": "0.9"}, TypeError, "alpha must be a number"),
+        ({"batch_size": 8, "process_group": [0, 1]}, TypeError, "process_group must be None"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        gw.NoiseScale(**kwargs)
+
+
+# --------------------------------------------------------------------------- statistics: a known noise scale
+
+
+def linear_regression_run(k: int, bs: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """y = x.w* + eps, x ~ N(0, I_d), eps ~ N(0, sigma^2), loss 1/2 (x.w - y)^2, at the fixed point w = w* + delta.
+
+    The per-example gradient is x (x.delta - eps): G = delta and (Isserlis)
+    Sigma = (|delta|^2 + sigma^2) I + delta delta^T, so tr(Sigma) = d (|delta|^2 + sigma^2) + |delta|^2.
+    """
+    d, sigma = 8, 1.0
+    gen = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, generator=gen)
+    delta = torch.zeros(d)
+    delta[0] = 1.0
+    lin = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_((w_star + delta)[None])
+    watch = gw.GradWatch(lin, stats=[gw.NoiseScale(batch_size=bs, alpha=0.95)], flush_every=1000)
+    x_all = torch.randn(steps, k * bs, d, generator=gen)
+    y_all = x_all @ w_star + sigma * torch.randn(steps, k * bs, generator=gen)
+    for step in range(steps):  # no optimizer: the same point at every step
+        lin.zero_grad()
+        for x, y in zip(x_all[step].split(bs), y_all[step].split(bs)):
+            (0.5 * (lin(x).squeeze(1) - y).square().mean() / k).backward()
+        watch.step()
+    h = watch.history
+    true_g2 = float(delta @ delta)
+    true_tr = d * (true_g2 + sigma**2) + true_g2
+    return {**{k_: h.stats[f"noise.{k_}"].astype(np.float64) for k_ in ("grad_sq", "trace")}, "true": true_tr / true_g2}
+
+
+def test_statistically_right_on_linear_regression():
+    """Over 600 steps at a fixed point: the estimates average to the true tr(Sigma)/|G|^2 = 17 within 10%."""
+    run = linear_regression_run(k=8, bs=64, steps=600)
+    assert run["true"] == pytest.approx(17.0)
+    ratio = run["trace"] / run["grad_sq"]
+    assert np.mean(ratio) == pytest.approx(run["true"], rel=0.10)  # time average of the per-step ratio
+    assert np.mean(run["trace"]) / np.mean(run["grad_sq"]) == pytest.approx(run["true"], rel=0.05)
+
+
+def test_variance_shrinks_as_the_big_batch_grows():
+    """The spread of the per-step estimates falls as B_b = K B_s grows (B_s fixed): about as 1/B_b."""
+    var = []
+    for k in (2, 8, 32):
+        run = linear_regression_run(k=k, bs=8, steps=500, seed=1)
+        var.append(np.var(run["grad_sq"]))
+    assert var[0] > 2 * var[1] > 4 * var[2]
+
+
+# --------------------------------------------------------------------------- DDP on 2 gloo ranks
+
+DDP_BS = 3  # rows per micro-batch per rank
+
+
+def _ddp_run(rank: int, world: int, k: int) -> dict:
+    from contextlib import nullcontext
+
+    from _dist_harness import MLP, batch, loss_fn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradwatch.distributed import count_collectives
+
+    ddp = DDP(MLP())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    watch = gw.GradWatch(ddp, stats=[gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)]).attach(opt)
+    collectives = []
+    for step in range(STEPS):
+        x, y = batch(step, n=world * k * DDP_BS)
+        mine = list(zip(x.split(DDP_BS), y.split(DDP_BS)))[rank * k : (rank + 1) * k]
+        opt.zero_grad()
+        for j, (xb, yb) in enumerate(mine):
+            with ddp.no_sync() if j < k - 1 else nullcontext():
+                (loss_fn(ddp, xb, yb) / k).backward()
+        with count_collectives() as c:  # the watch runs in the optimizer's step pre-hook
+            opt.step()
+        collectives.append(c["all_reduce"])
+    h = watch.history
+    watch.close()
+    return {"stats": {key: h.stats[key] for key in h.stats}, "collectives": collectives}
+
+
+def ddp_k1(rank: int, world: int) -> dict:
+    return _ddp_run(rank, world, 1)
+
+
+def ddp_k2(rank: int, world: int) -> dict:
+    return _ddp_run(rank, world, 2)
+
+
+def ddp_refusals(rank: int, world: int) -> dict:
+    from _dist_harness import MLP, fsdp2_mlp, mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    try:
+        gw.GradWatch(fsdp2_mlp(mesh((world,))), stats=[gw.NoiseScale(batch_size=2)])
+    except NotImplementedError as e:
+        out["fsdp2"] = str(e)
+    try:
+        gw.GradWatch(DDP(MLP()), scaler=torch.amp.GradScaler("cpu"), stats=[gw.NoiseScale(batch_size=2)])
+    except NotImplementedError as e:
+        out["amp"] = str(e)
+    return out
+
+
+def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
+    """One process over all world x k micro-batches: their gradients stored, SGD on their mean."""
+    from _dist_harness import MLP, batch
+
+    model = MLP()
+    per_step = []
+    for step in range(STEPS):
+        x, y = batch(step, n=world * k * DDP_BS)
+        gs = micro_grads(model, list(zip(x.split(DDP_BS), y.split(DDP_BS))))
+        per_step.append(gs)
+        big = torch.from_numpy(np.mean(gs, axis=0)).float()
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), big.split([p.numel() for p in model.parameters()])):
+                p -= 0.1 * g.view_as(p)
+    return reference(per_step, DDP_BS, ALPHA)
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    from _dist_harness import run_scenarios
+
+    return run_scenarios([ddp_k1, ddp_k2, ddp_refusals], 2)
+
+
+@pytest.mark.parametrize("name, k", [("ddp_k1", 1), ("ddp_k2", 2)])
+def test_ddp_two_ranks_equal_the_single_process_reference(ddp_results, name, k):
+    from _dist_harness import result_of
+
+    r0, r1 = result_of(ddp_results, name)
+    for key in ("noise.grad_sq", "noise.trace", "noise.b_simple"):
+        np.testing.assert_array_equal(r0["stats"][key], r1["stats"][key])  # every rank's row is the same
+    assert_matches(r0["stats"], ddp_reference(2, k))
+    assert r0["collectives"] == [1] * STEPS  # one all-reduce of two numbers per step, nothing else
+
+
+def test_ddp_refuses_what_it_does_not_support(ddp_results):
+    from _dist_harness import result_of
+
+    for out in result_of(ddp_results, "ddp_refusals"):
+        assert "FSDP2" in out["fsdp2"] and "DTensor" in out["fsdp2"]
+        assert "GradScaler" in out["amp"]

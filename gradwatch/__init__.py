@@ -49,7 +49,7 @@ from gradwatch.plot import (
     plot_taps,
 )
 from gradwatch.sinks import CallbackSink, CSVSink, JSONLSink, Sink, TensorBoardSink, read_csv, read_jsonl
-from gradwatch.stats import NoiseScale
+from gradwatch.stats import NoiseScale, PerExampleNorms
 from gradwatch.syncs import count_host_syncs
 from gradwatch.watch import GradWatch
 
@@ -86,6 +86,7 @@ __all__ = [
     "NoiseScale",
     "NonFinite",
     "Onset",
+    "PerExampleNorms",
     "Sink",
     "Spike",
     "StepView",

@@ -399,12 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare)
     inc = sub.add_parser(
         "incidents",
-        help="a flight recorder's incidents: trigger, window and where it started (onset ranking)",
+        help="a flight recorder's incidents: trigger, window, where it started (onset ranking) and, with "
+        "PerExampleNorms, the examples with the largest gradient contributions",
         description="Print the incidents of RUN: a .npz (History.save), or the <RUN>.incidents.npz file written "
         "beside a .csv/.jsonl sink's file.",
     )
     inc.add_argument("run", type=Path, metavar="RUN", help=run_help)
-    inc.add_argument("--top", type=int, default=5, metavar="N", help="onsets listed per incident (default 5)")
+    inc.add_argument("--top", type=int, default=5, metavar="N", help="onsets and examples per incident (default 5)")
     inc.set_defaults(fn=cmd_incidents)
     return p
 

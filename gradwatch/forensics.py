@@ -331,4 +331,7 @@ def format_incidents(h: History, top: int = 5) -> str:
         shown = ", ".join(map(str, inc.onset[:top])) if inc.onset else "no parameter left its recent level"
         more = f" (+{len(inc.onset) - top} more)" if len(inc.onset) > top else ""
         lines.append(f"  started in: {shown}{more}")
+        examples = inc.top_examples(top)  # with PerExampleNorms: the examples with the largest contributions
+        if examples:
+            lines.append(f"  top examples: {', '.join(map(str, examples))}")
     return "\n".join(lines)

@@ -12,12 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
+from gradwatch._validate import check_int
 from gradwatch.detect import Event
 
 if TYPE_CHECKING:
     from gradwatch.history import History
 
-__all__ = ["Incident", "Onset", "incident_from_header", "incident_header"]
+__all__ = ["ExampleNorm", "Incident", "Onset", "incident_from_header", "incident_header", "top_examples"]
 
 
 class Onset(NamedTuple):
@@ -40,6 +43,68 @@ class Onset(NamedTuple):
         return f"{self.name}@{self.step} (x{self.ratio:.3g})"
 
 
+class ExampleNorm(NamedTuple):
+    """One example's gradient-contribution norm in an incident's window (see :func:`top_examples`).
+
+    A named tuple ``(step, index, norm, micro)``: the optimizer step, the
+    example's index within that step (micro-batches concatenated in order),
+    the norm of its contribution to the step's gradient, and the micro-batch
+    (``0, 1, ...`` within the step) it came from.
+
+    Example:
+        >>> print(ExampleNorm(12, 5, 3.2e3, 1))
+        step 12 #5 (micro-batch 1): 3.2e+03
+    """
+
+    step: int
+    index: int
+    norm: float
+    micro: int
+
+    def __str__(self) -> str:
+        return f"step {self.step} #{self.index} (micro-batch {self.micro}): {self.norm:.3g}"
+
+
+def top_examples(history: History, k: int = 5) -> list[ExampleNorm]:
+    """The ``k`` examples of ``history``'s rows whose contributions had the largest norms, largest first.
+
+    Reads ``History.stats["example.norm"]`` and ``["example.micro"]``, the
+    columns of :class:`~gradwatch.PerExampleNorms`; NaN entries (padding) are
+    skipped, an infinite norm ranks first.
+
+    Args:
+        history: an incident's window (or any history with those columns).
+        k: how many, >= 1.
+
+    Returns:
+        The :class:`ExampleNorm` list (empty without ``PerExampleNorms``).
+
+    Example:
+        >>> import numpy as np
+        >>> from gradwatch import History
+        >>> h = History(["w"])
+        >>> norms, micro = [[1.0, 2.0, np.nan], [1.5, 900.0, 2.5]], [[0, 0, np.nan], [0, 1, 1]]
+        >>> h.append([7, 8], [[1.0], [9.0]], stats={"example.norm": norms, "example.micro": micro})
+        >>> [str(e) for e in top_examples(h, 2)]
+        ['step 8 #1 (micro-batch 1): 900', 'step 8 #2 (micro-batch 1): 2.5']
+    """
+    k = check_int(k, "k", min=1)
+    norms = history.stats.get("example.norm")
+    if norms is None or norms.ndim != 2 or not len(norms):
+        return []
+    micro = history.stats.get("example.micro", np.full(norms.shape, np.nan))
+    flat = np.where(np.isnan(norms), -np.inf, norms).reshape(-1)
+    order = [i for i in np.argsort(-flat, kind="stable") if not np.isnan(norms.reshape(-1)[i])][:k]
+    w = norms.shape[1]
+    steps = history.steps
+    out = []
+    for i in order:
+        r, c = divmod(int(i), w)
+        m = micro[r, c]
+        out.append(ExampleNorm(int(steps[r]), c, float(norms[r, c]), -1 if np.isnan(m) else int(m)))
+    return out
+
+
 @dataclass
 class Incident:
     """A full-resolution window of steps around an anomaly.
@@ -56,6 +121,10 @@ class Incident:
             level in the window, earliest first: ``incident.onset[:5]``.
         reason: the reason given to :meth:`GradWatch.mark` (None for events).
         merged: how many later triggers fell into this window and joined it.
+
+    With :class:`~gradwatch.PerExampleNorms` among the watch's statistics, the
+    window holds every step's per-example norms and :meth:`top_examples` names
+    the examples of the batch whose contributions were largest.
 
     Example:
         >>> from gradwatch import History, find_onsets
@@ -74,6 +143,10 @@ class Incident:
     onset: list[Onset] = field(default_factory=list)
     reason: str | None = None
     merged: int = 0
+
+    def top_examples(self, k: int = 5) -> list[ExampleNorm]:
+        """The ``k`` largest per-example norms of the window, largest first (:func:`top_examples`)."""
+        return top_examples(self.history, k)
 
     @property
     def start(self) -> int:

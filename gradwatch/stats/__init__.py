@@ -6,8 +6,11 @@ Pass them as ``GradWatch(model, stats=[...])``; their columns land in
 * :class:`NoiseScale` -- the gradient noise scale ``B_simple`` (McCandlish et
   al. 2018), from the micro-batch and step gradients of gradient accumulation
   or data parallelism.
+* :class:`PerExampleNorms` -- the L2 norm of each example's contribution to
+  the step's gradient (ghost norms), to find the examples behind a spike.
 """
 
+from gradwatch.stats.examples import PerExampleNorms
 from gradwatch.stats.noise import NoiseScale
 
-__all__ = ["NoiseScale"]
+__all__ = ["NoiseScale", "PerExampleNorms"]

@@ -1,0 +1,536 @@
+r"""Per-example gradient norms: which examples of the batch made the gradient large.
+
+The gradient of a batch is the sum of its examples' contributions,
+:math:`\nabla_\theta L = \sum_i c_i`. :class:`PerExampleNorms` records
+:math:`\lVert c_i \rVert` for every example :math:`i` of every recorded step,
+without materialising the per-example gradients where that can be avoided.
+
+For a layer that computes :math:`y_t = W a_t` at positions :math:`t` of one
+example (tokens, pixels), the example's weight gradient is
+:math:`G_i = \sum_t g_t a_t^\top` (:math:`g_t = \partial L / \partial y_t`), and
+its squared norm is the *ghost norm* (Goodfellow 2015, arXiv:1510.01799; Li et
+al. 2022, arXiv:2110.05679; Bu et al. 2023, arXiv:2205.10683)
+
+.. math::
+
+    \lVert G_i \rVert_F^2 = \sum_{t, t'} (a_t \cdot a_{t'})\,(g_t \cdot g_{t'}),
+
+two :math:`T \times T` Gram matrices instead of a :math:`d_\text{out} \times
+d_\text{in}` matrix per example. For each layer and shape the cheaper of the
+two is used: the Gram matrices (about :math:`T^2 (d_\text{in} +
+d_\text{out})` multiply-adds per example) or :math:`G_i` itself (about
+:math:`T d_\text{in} d_\text{out}`); with one position per example (an MLP)
+the identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from gradwatch._compat import scale_of
+from gradwatch._validate import check_int
+from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
+
+__all__ = ["PerExampleNorms"]
+
+#: the covered module types, by what their hook computes
+_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections: ``x @ W + b``, weight ``[in, out]``), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Which per-example rule applies to ``module``'s own parameters (None: not covered)."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None  # MultiheadAttention's out_proj: F.multi_head_attention_forward uses its weight, not a call
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_hf_conv1d(module):
+        return "hf_conv1d"
+    if isinstance(module, nn.Embedding):
+        return None if module.scale_grad_by_freq or module.max_norm is not None else "embedding"
+    if isinstance(module, _NORMS):
+        return "norm"
+    if isinstance(module, _CONVS):
+        return "conv"
+    return None
+
+
+@dataclass
+class _Outer:
+    """Per-example gradient ``L_i^T R_i`` per group (``L``: ``[B, G, T, r]``, ``R``: ``[B, G, T, c]``)."""
+
+    L: Tensor
+    R: Tensor
+    shape: torch.Size
+
+    def sq(self) -> Tensor:
+        B, G, T, r = self.L.shape
+        c = self.R.shape[-1]
+        if T == 1:  # one position: ||a||^2 ||g||^2
+            return (self.L.square().sum(-1) * self.R.square().sum(-1)).reshape(B, -1).sum(1)
+        if T * (r + c) < r * c:  # ghost norm: two T x T Gram matrices
+            Lf, Rf = self.L.reshape(B * G, T, r), self.R.reshape(B * G, T, c)
+            gram = torch.bmm(Lf, Lf.mT).mul_(torch.bmm(Rf, Rf.mT))
+            return gram.reshape(B, -1).sum(1)
+        return self.direct().reshape(B, -1).square().sum(1)
+
+    def direct(self) -> Tensor:
+        B = self.L.shape[0]
+        return torch.matmul(self.L.mT, self.R).reshape(B, *self.shape)
+
+
+@dataclass
+class _Index:
+    """An embedding's per-example gradient: rows ``idx`` ``[B, T]`` receive ``R`` ``[B, T, d]`` (padding zeroed)."""
+
+    idx: Tensor
+    R: Tensor
+    shape: torch.Size
+
+    def sq(self) -> Tensor:
+        B, T, d = self.R.shape
+        V = self.shape[0]
+        if T * T <= V * d:  # ghost norm: sum over t, t' of [idx_t == idx_t'] (g_t . g_t')
+            same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.R.dtype)
+            return torch.bmm(self.R, self.R.mT).mul_(same).reshape(B, -1).sum(1)
+        return self.direct().reshape(B, -1).square().sum(1)
+
+    def direct(self) -> Tensor:
+        B, _, d = self.R.shape
+        V = self.shape[0]
+        out = torch.zeros(B * V, d, device=self.R.device, dtype=self.R.dtype)
+        rows = (self.idx + torch.arange(B, device=self.idx.device)[:, None] * V).reshape(-1)
+        out.index_add_(0, rows, self.R.reshape(-1, d))
+        return out.reshape(B, *self.shape)
+
+
+@dataclass
+class _Dense:
+    """A per-example gradient that is cheap to hold: ``D`` ``[B, *shape]`` (biases, normalisation affines)."""
+
+    D: Tensor
+
+    def sq(self) -> Tensor:
+        return self.D.reshape(self.D.shape[0], -1).square().sum(1)
+
+    def direct(self) -> Tensor:
+        return self.D
+
+
+def _to_front(t: Tensor, dim: int) -> Tensor:
+    return t if dim == 0 else t.movedim(dim, 0)
+
+
+def _conv_cols(module: nn.Module, x: Tensor) -> Tensor:
+    """im2col of a Conv1d/2d input: ``[B, C_in * prod(kernel), positions]`` (padding applied as the module does)."""
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        (k,), (s,), (d,) = module.kernel_size, module.stride, module.dilation
+        return F.unfold(x.unsqueeze(2), (1, k), dilation=(1, d), stride=(1, s))
+    return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+
+
+@dataclass
+class _Use:
+    """One call of a covered module during a hot forward pass."""
+
+    kind: str
+    module: nn.Module
+    entries: list[tuple[str, int]]  # (attribute name, watched index) of its watched parameters
+    x: Tensor  # the input, detached (shares the storage autograd already keeps)
+    batch: int
+
+
+@dataclass
+class _Pass:
+    """One forward-backward pass (one micro-batch) in progress."""
+
+    batch: int | None = None
+    uses: dict[int, int] = field(default_factory=dict)  # watched index -> calls in this pass
+    sq: Tensor | None = None
+    bufs: dict[int, Tensor] = field(default_factory=dict)  # per-example gradients of parameters used more than once
+    backward: bool = False
+
+
+class PerExampleNorms(Contributor):
+    r"""The L2 norm of each example's contribution to the step's gradient (``prefix="example"``).
+
+    For a loss :math:`L = \frac1B \sum_i \ell_i` the contribution of example
+    :math:`i` is :math:`\nabla_\theta \ell_i / B`; in general it is whatever
+    the backward pass sends through that example's rows, so the recorded
+    norms are of what you backpropagate. Columns, in ``History.stats``:
+
+    * ``"example.norm"`` ``[S, E]``: :math:`\lVert c_i \rVert` over the covered
+      parameters for each example :math:`i` of the step -- with gradient
+      accumulation, every micro-batch's examples concatenated in order -- and
+      NaN after the last example. ``E`` is the largest number of examples of a
+      step so far (at most ``max_examples``).
+    * ``"example.micro"`` ``[S, E]``: the micro-batch (``0, 1, ...`` within the
+      step) each example came from.
+    * ``"example.covered"`` ``[S]``: the fraction of the squared global gradient
+      norm carried by the parameters the norms include (1 for a model made only
+      of covered modules).
+
+    Covered modules: ``nn.Linear`` (any leading dimensions), transformers'
+    ``Conv1D`` (GPT-2's projections), ``nn.Embedding`` (not with
+    ``max_norm`` or ``scale_grad_by_freq``), ``nn.LayerNorm`` / ``nn.RMSNorm``
+    affine parameters and ``nn.Conv1d`` / ``nn.Conv2d`` (any padding mode,
+    groups, stride, dilation), biases included. The per-example norm of a
+    parameter called once per pass is computed in its module's backward by the
+    ghost identity or directly, whichever is cheaper for the shape (see the
+    module docstring); a parameter used by several calls (tied embeddings, a
+    layer applied at every time step) has its per-example gradients summed
+    over the calls before the norm. Other parameters with a gradient are
+    named in one warning and left out (see ``"example.covered"``).
+
+    The modules are found by the parameters the watch watches: one global
+    module forward hook (``torch.nn.modules.module.register_module_forward_hook``)
+    sees every module call; on a call of a covered module owning a watched
+    parameter, during a recorded step's forward with gradients enabled, it
+    keeps a reference to the input and hooks the output's gradient. Nothing
+    else is done at steps that are not recorded (``every=N``).
+
+    Examples are indexed along ``batch_dim`` of each covered module's input
+    (convolutions: dimension 0). A pass's batch size is that of its first
+    covered call; a call whose input has another size there (for example
+    GPT-2's position embedding, looked up with ``position_ids`` of batch size
+    1 and broadcast -- pass ``position_ids`` expanded to the batch) cannot be
+    split by example: its parameters are named in a warning and left out.
+
+    Cost: no host sync; at recorded steps, per covered call, the Gram
+    matrices (``B T^2`` numbers) or the per-example gradient (``B`` times the
+    parameter) -- the smaller in flops -- exist only during that module's
+    backward, so the extra memory is bounded by one layer at a time, plus, for
+    a parameter used by several calls, ``B`` times that parameter until the
+    pass ends. A convolution's input is unfolded (``prod(kernel)`` times its
+    activation). The inputs are the tensors autograd keeps anyway.
+
+    Args:
+        batch_dim: the dimension of covered modules' inputs that indexes the
+            examples (0 for ``[batch, ...]``; 1 for ``[seq, batch, ...]``).
+        max_examples: the most examples stored per step (the device row holds
+            this many); a step with more keeps the first ``max_examples`` and
+            warns once.
+        scaler: the ``torch.amp.GradScaler`` given to the watch, if any: the
+            hooks see the scaled loss's gradients, so the norms are divided by
+            its scale (required when the watch has a scaler).
+
+    Raises:
+        TypeError: ``batch_dim``/``max_examples`` not integers, or ``scaler``
+            not a ``GradScaler``.
+        ValueError: ``batch_dim`` < 0 or ``max_examples`` < 1; at bind, a watch
+            with a ``scaler`` and no ``scaler`` here.
+
+    Example:
+        >>> import torch, gradwatch as gw
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> watch = gw.GradWatch(model, stats=[gw.PerExampleNorms(max_examples=8)])
+        >>> x = torch.randn(4, 3)
+        >>> x[2] *= 1000.0  # one extreme example
+        >>> model(x).square().mean().backward(); watch.step()
+        >>> h = watch.history
+        >>> h.stats["example.norm"].shape, int(h.stats["example.norm"][0].argmax())
+        ((1, 4), 2)
+        >>> round(float(h.stats["example.covered"][0]), 4)
+        1.0
+        >>> watch.close()
+    """
+
+    prefix = "example"
+
+    def __init__(self, batch_dim: int = 0, *, max_examples: int = 256, scaler: Any = None) -> None:
+        self.batch_dim = check_int(batch_dim, "batch_dim", min=0)
+        self.max_examples = check_int(max_examples, "max_examples", min=1)
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self.scaler = scaler
+        self._hot = True
+        self._handle: Any = None
+        self._pass = _Pass()
+        self._step: list[tuple[Tensor, int]] = []  # (sq [B], batch) of this step's finished passes
+        self._sealed: list[tuple[Tensor, int]] = []
+        self._seen: set[int] = set()  # watched indices with a per-example contribution this step
+        self._sealed_seen: frozenset[int] = frozenset()
+        self._excluded: set[int] = set()
+        self._warned: set[int] = set()
+        self._widest = 0
+        self._too_many = False
+        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._masks: dict[frozenset[int], Tensor] = {}
+        self._micro: dict[tuple[int, ...], Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"PerExampleNorms(batch_dim={self.batch_dim}, max_examples={self.max_examples})"
+
+    # -- the protocol -----------------------------------------------------------------
+    @property  # type: ignore[override]
+    def hot(self) -> bool:
+        """Whether the coming step is recorded; the watch sets it at each step, which also seals the step's passes."""
+        return self._hot
+
+    @hot.setter
+    def hot(self, value: bool) -> None:
+        # the watch sets ``hot`` at the start of every step, before observing it: the passes since
+        # the previous step are this step's (an unobserved step's are dropped at the next one)
+        self._end_pass()
+        self._sealed, self._sealed_seen = self._step, frozenset(self._seen)
+        self._step, self._seen = [], set()
+        self._hot = bool(value)
+
+    def bind(self, binding: Binding) -> None:
+        """Index the watched parameters and install the global module forward hook.
+
+        Raises:
+            ValueError: the watch has a ``scaler`` and this statistic has none.
+        """
+        if binding.amp and self.scaler is None:
+            raise ValueError(
+                "PerExampleNorms(scaler=...) is required when the GradWatch has a scaler: the hooks see the "
+                "scaled loss's gradients; pass the same GradScaler to both"
+            )
+        super().bind(binding)
+        self._index = {id(p): i for i, p in enumerate(binding.params)}
+        self._acc = binding.dtype
+        self._nan = torch.full((self.max_examples,), math.nan, device=binding.device, dtype=binding.dtype)
+        self._handle = register_module_forward_hook(self._forward, with_kwargs=True)
+
+    def columns(self) -> dict[str, int]:
+        return {"norm": self.max_examples, "micro": self.max_examples, "covered": SCALAR}
+
+    def observe(self, view: StepView) -> dict[str, Tensor]:
+        passes = self._sealed
+        self._sealed = []
+        self._warn_uncovered(view)
+        cov = self._mask(self._sealed_seen)
+        total2 = view.total.to(self._acc).square()
+        covered = (view.norms.to(self._acc).square() * cov).sum() / total2
+        if not passes:
+            return {"norm": self._nan, "micro": self._nan, "covered": covered}
+        sizes = tuple(b for _, b in passes)
+        sq = torch.cat([s for s, _ in passes]) if len(passes) > 1 else passes[0][0]
+        n = sq.shape[0]
+        E = self.max_examples
+        if n > E:
+            if not self._too_many:
+                self._too_many = True
+                warnings.warn(
+                    f"PerExampleNorms: step {view.step} has {n} examples; max_examples={E} keeps the first {E} "
+                    f"(raise max_examples to keep them all)",
+                    stacklevel=2,
+                )
+            sq, n = sq[:E], E
+        self._widest = max(self._widest, n)
+        norm = sq.sqrt()
+        if self.scaler is not None:
+            scale = scale_of(self.scaler)
+            if scale is not None and self.scaler.is_enabled():
+                norm = norm / scale.to(norm.dtype)
+        norm = torch.cat([norm.to(self._acc), self._nan[n:]]) if n < E else norm.to(self._acc)
+        return {"norm": norm, "micro": self._micro_of(sizes), "covered": covered}
+
+    def to_history(self, cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        w = max(self._widest, 1)
+        return {
+            "example.norm": cols["norm"][:, :w],
+            "example.micro": cols["micro"][:, :w],
+            "example.covered": cols["covered"],
+        }
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._pass = _Pass()
+        self._step, self._sealed = [], []
+
+    # -- host-side helpers (no device reads) -------------------------------------------
+    def _mask(self, seen: frozenset[int]) -> Tensor:
+        m = self._masks.get(seen)
+        if m is None:
+            host = torch.zeros(len(self.binding.params), dtype=self._acc)
+            host[sorted(seen)] = 1.0
+            m = self._masks[seen] = host.to(self.binding.device)
+        return m
+
+    def _micro_of(self, sizes: tuple[int, ...]) -> Tensor:
+        m = self._micro.get(sizes)
+        if m is None:
+            host = torch.full((self.max_examples,), math.nan, dtype=self._acc)
+            at = 0
+            for k, b in enumerate(sizes):
+                host[at : min(at + b, self.max_examples)] = float(k)
+                at += b
+            m = self._micro[sizes] = host.to(self.binding.device)
+        return m
+
+    def _warn_uncovered(self, view: StepView) -> None:
+        missing = set(view.missing)
+        new = [
+            i
+            for i in range(len(self.binding.params))
+            if i not in self._sealed_seen and i not in missing and i not in self._warned
+        ]
+        if not new or not self._sealed_seen:
+            return  # nothing measured this step (e.g. no hot forward): no verdict
+        self._warned.update(new)
+        names = ", ".join(self.binding.names[i] for i in new)
+        warnings.warn(
+            f"PerExampleNorms: no per-example gradient for {names}: not a parameter of a covered module call "
+            f"(Linear, transformers Conv1D, Embedding, LayerNorm, RMSNorm, Conv1d, Conv2d); left out of "
+            f"example.norm (see example.covered)",
+            stacklevel=2,
+        )
+
+    def _classify(self, module: nn.Module) -> tuple[str, list[tuple[str, int]]] | None:
+        got = self._modules.get(module)
+        if got is None:
+            kind = _kind(module)
+            own = module.named_parameters(recurse=False)
+            entries = [(n, self._index[id(p)]) for n, p in own if id(p) in self._index]
+            got = self._modules[module] = (kind, entries) if kind is not None and entries else None
+            if got is None:
+                return None
+        params = self.binding.params
+        if any(module._parameters.get(n) is not params[i] for n, i in got[1]):
+            return None  # parameters swapped (torch.func.functional_call): not the watched ones
+        return got
+
+    # -- the hooks -------------------------------------------------------------------
+    def _forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._hot or not torch.is_grad_enabled():
+            return
+        got = self._classify(module)
+        if got is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        kind, entries = got
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, Tensor):
+            return
+        if self._pass.backward:  # a forward after a backward: a new micro-batch
+            self._end_pass()
+        dim = 0 if kind == "conv" else self.batch_dim
+        unbatched = x.dim() <= dim or (kind == "conv" and x.dim() == (2 if isinstance(module, nn.Conv1d) else 3))
+        unbatched = unbatched or (kind in ("linear", "hf_conv1d", "norm") and x.dim() < 2)
+        batch = -1 if unbatched else x.shape[dim]
+        p = self._pass
+        if p.batch is None and not unbatched:
+            p.batch = batch
+        if batch != p.batch:
+            self._exclude(module, entries, x, p.batch)
+            return
+        for _, i in entries:
+            p.uses[i] = p.uses.get(i, 0) + 1
+        use = _Use(kind, module, entries, x.detach(), batch)
+        output.register_hook(lambda g, use=use: self._backward(use, g))
+
+    def _exclude(self, module: nn.Module, entries: list[tuple[str, int]], x: Tensor, batch: int | None) -> None:
+        new = [i for _, i in entries if i not in self._excluded]
+        self._excluded.update(new)
+        if new:
+            self._warned.update(new)
+            names = ", ".join(self.binding.names[i] for i in new)
+            warnings.warn(
+                f"PerExampleNorms: {type(module).__name__} called with input of shape {tuple(x.shape)}, whose "
+                f"dimension batch_dim={self.batch_dim} is not the pass's batch size {batch}: its parameters "
+                f"({names}) cannot be split by example and are left out (a broadcast input such as GPT-2's "
+                f"position_ids of batch size 1? pass it expanded to the batch)",
+                stacklevel=3,
+            )
+
+    def _backward(self, use: _Use, g: Tensor) -> None:
+        with torch.no_grad():
+            p = self._pass
+            p.backward = True
+            for i, part in self._parts(use, g):
+                if i in self._excluded:
+                    continue
+                self._seen.add(i)
+                if p.uses.get(i, 0) > 1:  # several calls: sum their per-example gradients first
+                    d = part.direct()
+                    p.bufs[i] = d if i not in p.bufs else p.bufs[i].add_(d)
+                else:
+                    s = part.sq().to(self._acc)
+                    p.sq = s if p.sq is None else p.sq.add_(s)
+
+    def _end_pass(self) -> None:
+        p = self._pass
+        if p.backward:
+            with torch.no_grad():
+                for buf in p.bufs.values():
+                    s = buf.reshape(buf.shape[0], -1).square().sum(1).to(self._acc)
+                    p.sq = s if p.sq is None else p.sq.add_(s)
+            if p.sq is not None and p.batch is not None:
+                self._step.append((p.sq, p.batch))
+        self._pass = _Pass()
+
+    def _parts(self, use: _Use, g: Tensor) -> list[tuple[int, Any]]:
+        """Each watched parameter of one call with its per-example gradient in factored form."""
+        m, kind = use.module, use.kind
+        dt = torch.promote_types(use.x.dtype if use.x.is_floating_point() else g.dtype, g.dtype)
+        dt = torch.promote_types(dt, torch.float32)
+        B = use.batch
+        out: list[tuple[int, Any]] = []
+        if kind in ("linear", "hf_conv1d"):
+            a = _to_front(use.x, self.batch_dim).reshape(B, 1, -1, use.x.shape[-1]).to(dt)
+            gg = _to_front(g, self.batch_dim).reshape(B, 1, -1, g.shape[-1]).to(dt)
+            for name, i in use.entries:
+                w = m._parameters[name]
+                if name == "bias":
+                    out.append((i, _Dense(gg.sum((1, 2)))))
+                elif kind == "linear":
+                    out.append((i, _Outer(gg, a, w.shape)))
+                else:
+                    out.append((i, _Outer(a, gg, w.shape)))
+        elif kind == "embedding":
+            idx = _to_front(use.x, self.batch_dim).reshape(B, -1)
+            gg = _to_front(g, self.batch_dim).reshape(B, idx.shape[1], -1).to(dt)
+            if m.padding_idx is not None:
+                gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(dt)
+            for name, i in use.entries:
+                out.append((i, _Index(idx, gg, m._parameters[name].shape)))
+        elif kind == "norm":
+            shape = tuple(m.normalized_shape)
+            x = _to_front(use.x, self.batch_dim).to(dt)
+            if isinstance(m, nn.LayerNorm):
+                xhat = F.layer_norm(x, shape, None, None, m.eps)
+            else:
+                xhat = F.rms_norm(x, list(shape), None, m.eps)
+            gg = _to_front(g, self.batch_dim).to(dt).reshape(B, -1, *shape)
+            xhat = xhat.reshape(B, -1, *shape)
+            for name, i in use.entries:
+                d = gg.sum(1) if name == "bias" else (gg * xhat).sum(1)
+                out.append((i, _Dense(d)))
+        else:  # conv
+            cols = _conv_cols(m, use.x.to(dt))  # [B, C_in * k, T]
+            G = m.groups
+            T = cols.shape[-1]
+            gg = g.to(dt).reshape(B, m.out_channels, T)
+            for name, i in use.entries:
+                w = m._parameters[name]
+                if name == "bias":
+                    out.append((i, _Dense(gg.sum(-1))))
+                else:
+                    L = gg.reshape(B, G, -1, T).mT
+                    R = cols.reshape(B, G, -1, T).mT
+                    out.append((i, _Outer(L, R, w.shape)))
+        return out

@@ -68,7 +68,7 @@ def build(width: int, depth: int, mesh) -> nn.Module:
 
 
 def variants():
-    from gradwatch.distributed import NormReducer, scale_
+    from gradwatch.distributed import NormReducer, local_tensor
 
     def engine(model, state):
         params = state.setdefault("params", list(model.parameters()))
@@ -76,7 +76,8 @@ def variants():
         grads = [p.grad for p in params]
         norms = reducer.norms(grads)  # [P] full per-parameter norms: the row a watch records
         total = reducer.total(norms)
-        scale_(grads, (MAX_NORM / (total + 1e-6)).clamp(max=1.0))
+        coef = (MAX_NORM / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([local_tensor(g) for g in grads if g is not None], coef)
 
     def watch(model, state):
         import gradwatch as gw

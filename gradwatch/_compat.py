@@ -21,7 +21,9 @@ __all__ = [
     "foreach_norm",
     "foreach_sub_",
     "found_inf_safe",
+    "is_dtensor",
     "module_parameter",
+    "reduced_after_hooks",
     "scale_of",
     "set_found_inf",
     "unscale_once",
@@ -59,6 +61,23 @@ def foreach_clamp_(tensors: Sequence[Tensor], low: float, high: float) -> None:
     """``torch._foreach_clamp_min_`` then ``torch._foreach_clamp_max_``: every element into ``[low, high]``."""
     torch._foreach_clamp_min_(list(tensors), low)
     torch._foreach_clamp_max_(list(tensors), high)
+
+
+# -- DTensor -----------------------------------------------------------------------------
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    _DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor` (False where torch has no DTensor).
+
+    Example:
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 # -- GradScaler ------------------------------------------------------------------------
@@ -158,3 +177,49 @@ def module_parameter(module: torch.nn.Module, key: str) -> Tensor | None:
     attribute of that name, and ``get_parameter`` walks a path and raises.
     """
     return module._parameters.get(key)
+
+
+# -- data-parallel engines --------------------------------------------------------------
+def reduced_after_hooks(params: Sequence[Tensor]) -> list[bool]:
+    """Per parameter, whether a data-parallel engine reduces its gradient after the parameter's hooks ran.
+
+    ``DistributedDataParallel``'s reducer registers its all-reduce on each
+    parameter's gradient accumulator (the ``AccumulateGrad`` autograd node) and
+    keeps that node alive; Horovod, DeepSpeed and Apex do the same. Autograd
+    itself holds the node only while a graph that uses the parameter exists. A
+    post-accumulate-grad hook fires before that all-reduce, so it sees the
+    rank's local gradient, not the one the optimizer applies. The probe marks
+    the node (``Node.metadata``), lets go of it and asks for it again: the mark
+    survives only if something else holds the node. Parameters that DDP ignores
+    (``_ddp_params_and_buffers_to_ignore``) are not held, nor those of a model
+    without an engine, such as a pipeline stage. Call it between steps, when no
+    graph is alive (a graph kept with ``retain_graph=True`` also holds the nodes).
+
+    All False unless a process group of more than one rank is initialised
+    (with one rank the reduction changes nothing). Relies on autograd keeping
+    one ``AccumulateGrad`` node per leaf alive only while referenced: an
+    implementation detail, hence here. Not seen: DDP's Python
+    reducer under compiled autograd, which uses post-accumulate-grad hooks.
+
+    Example:
+        >>> reduced_after_hooks([torch.nn.Parameter(torch.zeros(2))])
+        [False]
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [False] * len(params)
+    if torch.distributed.get_world_size() <= 1:
+        return [False] * len(params)
+    return [p.requires_grad and p.is_leaf and _accumulator_held(p) for p in params]
+
+
+def _accumulator_held(param: Tensor) -> bool:
+    """Whether something besides autograd keeps ``param``'s gradient accumulator alive (a reducer does)."""
+    from torch.autograd.graph import get_gradient_edge
+
+    node = get_gradient_edge(param).node
+    node.metadata[_PROBE] = True
+    del node  # the last reference here: the node dies unless it is held elsewhere
+    return bool(get_gradient_edge(param).node.metadata.pop(_PROBE, False))
+
+
+_PROBE = "gradwatch.reduced_after_hooks"

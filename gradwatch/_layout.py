@@ -12,13 +12,17 @@ where a column sits in the row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from gradwatch.contrib import Contributor
+from gradwatch.detect import Event, Record
+from gradwatch.history import History
 
 
 class RecordLayout:
@@ -180,3 +184,51 @@ class Rows:
     @property
     def full(self) -> bool:
         return self.count >= self.capacity
+
+
+def decode(
+    names: list[str],
+    meta: dict[str, Any],
+    parts: Sequence[Contributor],
+    cols: dict[str, np.ndarray],
+    metas: list[RowMeta],
+    taps: dict[str, np.ndarray],
+) -> tuple[History, list[tuple[Any, Event]]]:
+    """Flushed host rows as a History: each contributor maps its columns and makes its events.
+
+    Args:
+        names: the parameter names.
+        meta: the run's description (the watch history's ``meta``).
+        parts: the contributors, in declaration order.
+        cols: :meth:`RecordLayout.split` of the flushed rows.
+        metas: the rows' host-known metas.
+        taps: ``{name: [n]}`` tapped values (NaN where a row has none).
+
+    Returns:
+        The rows as a :class:`~gradwatch.History` (events in step order), and
+        ``(action, event)`` for each event whose contributor has an action.
+    """
+    norms, total = cols["norms"], cols["total"]
+    missing = np.zeros(norms.shape, bool)
+    for r, m in enumerate(metas):
+        missing[r, m.missing] = True
+    own = [(c, strip(cols, c.prefix)) for c in parts]
+    mapped: dict[str, np.ndarray] = {}
+    for c, mine in own:
+        mapped.update(c.to_history(mine))
+    stats = {k: mapped.pop(k) for k in [k for k in mapped if "." in k]}
+    chunk = History(names, meta)
+    steps = [m.step for m in metas]
+    chunk.append(
+        steps, norms, total=total, grad_missing=missing if missing.any() else None, taps=taps, stats=stats, **mapped
+    )
+    talking = [(c, mine) for c, mine in own if type(c).events is not Contributor.events]
+    reactions: list[tuple[Any, Event]] = []
+    for r, m in enumerate(metas):
+        for c, mine in talking:
+            rec = Record(m.step, norms[r], float(total[r]), {k: v[r] for k, v in mine.items()}, missing[r], m.order)
+            for e in c.events(rec):
+                chunk.events.append(e)
+                if c.action is not None:
+                    reactions.append((c.action, e))
+    return chunk, reactions

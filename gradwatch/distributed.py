@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,9 +47,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradwatch._compat import flattened_group, root_mesh
+from gradwatch._compat import flattened_group, is_dtensor, root_mesh
 from gradwatch._validate import check_float
-from gradwatch.norms import ReadyOrder
+from gradwatch.norms import NormMeter, ReadyOrder, accumulation_dtype, group_by_device_dtype, stat_dtype, write_norms
 
 __all__ = [
     "DistributedMeter",
@@ -61,11 +62,11 @@ __all__ = [
     "is_ddp",
     "is_dtensor",
     "local_tensor",
+    "make_meter",
+    "measure_mode",
     "needs_reduction",
     "rank_path",
-    "reduced_after_hooks",
     "row_norms",
-    "scale_",
     "total_norm",
     "unwrap_ddp",
 ]
@@ -83,16 +84,6 @@ _OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}
 # --------------------------------------------------------------------------- small helpers
 
 
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`.
-
-    Example:
-        >>> is_dtensor(torch.zeros(2))
-        False
-    """
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (sharing its storage), or ``t`` itself.
 
@@ -105,39 +96,6 @@ def local_tensor(t: Tensor) -> Tensor:
         True
     """
     return t.to_local() if is_dtensor(t) else t
-
-
-def scale_(tensors: Sequence[Tensor | None], factor: Tensor) -> None:
-    """Multiply tensors (DTensors through their local shards) in place by ``factor``.
-
-    Args:
-        tensors: the gradients; ``None`` entries are skipped.
-        factor: a 0-d tensor (one coefficient for all, e.g. a global clip) or a
-            1-D tensor with one factor per entry of ``tensors`` (per-tensor clipping).
-            A plain tensor: the same on every rank when it came from :func:`full_norms`.
-
-    Example:
-        >>> gs = [torch.ones(2), None, torch.ones(1)]
-        >>> scale_(gs, torch.tensor(0.5))
-        >>> gs[0], gs[2]
-        (tensor([0.5000, 0.5000]), tensor([0.5000]))
-    """
-    per_tensor = factor.ndim == 1
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
-    for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        loc = local_tensor(t)
-        groups.setdefault((loc.device, loc.dtype), ([], []))
-        groups[(loc.device, loc.dtype)][0].append(loc)
-        groups[(loc.device, loc.dtype)][1].append(i)
-    for (device, dtype), (locs, pos) in groups.items():
-        if per_tensor:
-            f = factor.to(device=device, dtype=dtype)
-            sel = f if len(pos) == f.numel() else f[torch.tensor(pos, device=device)]
-            torch._foreach_mul_(locs, list(sel.unbind()))
-        else:
-            torch._foreach_mul_(locs, factor.to(device=device, dtype=dtype))
 
 
 def get_rank(process_group: Any = None) -> int:
@@ -209,47 +167,6 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
         True
     """
     return model.module if is_ddp(model) else model
-
-
-def reduced_after_hooks(params: Sequence[Tensor]) -> list[bool]:
-    """Per parameter, whether a data-parallel engine reduces its gradient after the parameter's hooks ran.
-
-    ``DistributedDataParallel``'s reducer registers its all-reduce on each
-    parameter's gradient accumulator (the ``AccumulateGrad`` autograd node) and
-    keeps that node alive; Horovod, DeepSpeed and Apex do the same. Autograd
-    itself holds the node only while a graph that uses the parameter exists. A
-    post-accumulate-grad hook fires before that all-reduce, so it sees the
-    rank's local gradient, not the one the optimizer applies. The probe marks
-    the node (``Node.metadata``), lets go of it and asks for it again: the mark
-    survives only if something else holds the node. Parameters that DDP ignores
-    (``_ddp_params_and_buffers_to_ignore``) are not held, nor those of a model
-    without an engine, such as a pipeline stage. Call it between steps, when no
-    graph is alive (a graph kept with ``retain_graph=True`` also holds the nodes).
-
-    All False unless a process group of more than one rank is initialised
-    (with one rank the reduction changes nothing). Not seen: DDP's Python
-    reducer under compiled autograd, which uses post-accumulate-grad hooks.
-
-    Example:
-        >>> reduced_after_hooks([torch.nn.Parameter(torch.zeros(2))])
-        [False]
-    """
-    if get_world_size() <= 1:
-        return [False] * len(params)
-    return [p.requires_grad and p.is_leaf and _accumulator_held(p) for p in params]
-
-
-def _accumulator_held(param: Tensor) -> bool:
-    """Whether something besides autograd keeps ``param``'s gradient accumulator alive (a reducer does)."""
-    from torch.autograd.graph import get_gradient_edge
-
-    node = get_gradient_edge(param).node
-    node.metadata[_PROBE] = True
-    del node  # the last reference here: the node dies unless it is held elsewhere
-    return bool(get_gradient_edge(param).node.metadata.pop(_PROBE, False))
-
-
-_PROBE = "gradwatch.reduced_after_hooks"
 
 
 def check_process_group(value: Any, name: str = "process_group") -> Any:
@@ -383,28 +300,10 @@ def _resolve_partials(locs: list[Tensor | None], layouts: list[_Layout | None]) 
 
 def _local_powers(locs: Sequence[Tensor | None], p: float, out: Tensor) -> None:
     """Write ``sum |x|^p`` (the max ``|x|`` for p = inf) of each local tensor into ``out`` (0 for None)."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
-    for i, t in enumerate(locs):
-        if t is not None:
-            groups.setdefault((t.device, t.dtype), ([], []))
-            groups[(t.device, t.dtype)][0].append(t)
-            groups[(t.device, t.dtype)][1].append(i)
+    groups = group_by_device_dtype(locs)
     if len(groups) != 1 or len(next(iter(groups.values()))[1]) != len(locs):
         out.zero_()
-    for (device, dtype), (ts, pos) in groups.items():
-        acc = torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else None
-        if device.type in ("cpu", "cuda"):
-            norms = torch._foreach_norm(ts, p, dtype=acc)
-        else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
-        if len(pos) == out.numel() and norms[0].dtype == out.dtype and norms[0].device == out.device:
-            torch.stack(norms, out=out)  # the common case: one group, every gradient present
-            continue
-        vals = torch.stack(norms).to(device=out.device, dtype=out.dtype)
-        if len(pos) == out.numel():
-            out.copy_(vals)
-        else:
-            out.index_copy_(0, torch.tensor(pos, device=out.device), vals)
+    write_norms(out, groups, p)
     if not math.isinf(p):
         out.pow_(p)
 
@@ -737,29 +636,11 @@ def row_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, names: Seque
     sums: list[Tensor] = []
     batches: dict[tuple, list[int]] = {}
     for i, (t, loc, lay) in enumerate(zip(tensors, locs, layouts)):
-        acc = torch.float32 if loc.dtype.is_floating_point and loc.dtype.itemsize < 4 else None
-        if t.ndim >= 2:
-            x = loc.reshape(loc.shape[0], -1)
-            s = torch.linalg.vector_norm(x, p, dim=1, dtype=acc)
-        else:
-            s = torch.linalg.vector_norm(loc, p, dtype=acc)
+        acc = accumulation_dtype(loc.dtype)
+        s = torch.linalg.vector_norm(loc.reshape(loc.shape[0], -1), p, dim=1, dtype=acc) if t.ndim >= 2 else None
+        s = torch.linalg.vector_norm(loc, p, dtype=acc) if s is None else s
         sums.append(s if inf else s.pow(p))
-        if lay is None:
-            continue
-        if t.ndim >= 2:
-            unknown = [d for d, td in lay.shard if td is None]
-            if unknown:
-                raise ValueError(f"tensor {name(i)!r} on mesh {lay.mesh}: sharded along an unknown tensor dimension")
-            dims = tuple(sorted(d for d, td in lay.shard if td != 0))
-        elif lay.shard:
-            # the whole tensor is the unit: reduce over the whole mesh (so that all such units share one
-            # all-reduce), each replicated copy counted once, as in NormReducer
-            dims = tuple(range(lay.mesh.ndim))
-            rep = lay.replicate + tuple(d for d, _ in lay.partial)
-            if not inf and not all(lay.coordinate[d] == 0 for d in rep):
-                sums[i] = torch.zeros_like(sums[i])
-        else:
-            dims = ()
+        dims = _unit_dims(t, lay, name(i), inf, sums, i)
         if dims:
             batches.setdefault((lay.mesh, dims, sums[i].dtype), []).append(i)
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
@@ -771,6 +652,24 @@ def row_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, names: Seque
     if inf:
         return sums
     return [s.sqrt() if p == 2.0 else s.pow(1.0 / p) for s in sums]
+
+
+def _unit_dims(t: Tensor, lay: _Layout | None, name: str, inf: bool, sums: list[Tensor], i: int) -> tuple[int, ...]:
+    """The mesh dimensions a unit's local sum ``sums[i]`` is reduced over (zeroing a replicated copy's)."""
+    if lay is None:
+        return ()
+    if t.ndim >= 2:
+        if any(td is None for _, td in lay.shard):
+            raise ValueError(f"tensor {name!r} on mesh {lay.mesh}: sharded along an unknown tensor dimension")
+        return tuple(sorted(d for d, td in lay.shard if td != 0))
+    if not lay.shard:
+        return ()
+    # the whole tensor is the unit: reduce over the whole mesh (so that all such units share one
+    # all-reduce), each replicated copy counted once, as in NormReducer
+    rep = lay.replicate + tuple(d for d, _ in lay.partial)
+    if not inf and not all(lay.coordinate[d] == 0 for d in rep):
+        sums[i] = torch.zeros_like(sums[i])
+    return tuple(range(lay.mesh.ndim))
 
 
 # --------------------------------------------------------------------------- counting collectives
@@ -837,3 +736,49 @@ def count_collectives() -> Iterator[CollectiveCount]:
             if key in op:
                 result.counts[kind] += 1
                 break
+
+
+def measure_mode(model: Any, measure: str, scaler: Any, distributed: bool = False) -> str:
+    """The measurement mode a watch uses: ``"step"`` with AMP, with DTensors and under DDP (``"hook"`` warns).
+
+    Args:
+        model: what the watch was given (a DDP-wrapped module is seen here;
+            one wrapped later is found at the first step by the norm meter).
+        measure: the ``measure`` argument.
+        scaler: the ``scaler`` argument (gradients change when unscaled: hooks would see them scaled).
+        distributed: the parameters are DTensors or a ``process_group`` is given.
+
+    Example:
+        >>> measure_mode(torch.nn.Linear(2, 2), "auto", None)
+        'auto'
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if scaler is not None or distributed:  # sharded gradients: no parameter hooks (they would gather)
+        return "step"
+    if measure == "hook" and ddp:  # a clipper or a skip would decide from each rank's own gradients
+        warnings.warn(
+            "GradWatch(measure='hook') on a DistributedDataParallel model: hooks see each rank's local "
+            "gradients before DDP's all-reduce, so the synchronized gradients are measured at the step "
+            "instead; pass measure='step' (the default 'auto' does the same) to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    return "step" if ddp else measure
+
+
+def make_meter(
+    names: list[str], params: list[Tensor], measure: str, process_group: Any = None, track_order: bool = False
+) -> NormMeter | DistributedMeter:
+    """The norm meter of a watch: :class:`DistributedMeter` for DTensor parameters or a ``process_group``
+    (full norms from local shards, one all-reduce per mesh, no hooks), else a
+    :class:`~gradwatch.norms.NormMeter` measuring in ``measure`` mode.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> type(make_meter(["weight", "bias"], list(lin.parameters()), "auto")).__name__
+        'NormMeter'
+    """
+    if needs_reduction(params, process_group):
+        return DistributedMeter(params, names, process_group=process_group, track_order=track_order)
+    dtype = stat_dtype([p.dtype for p in params])
+    return NormMeter(params, measure, params[0].device, dtype, track_order)

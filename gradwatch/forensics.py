@@ -16,6 +16,7 @@ own recent level (:func:`find_onsets`: upwards, or downwards for a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,19 +230,46 @@ class FlightRecorder:
             raise ValueError("recorder: this FlightRecorder already serves another GradWatch; create one per watch")
         self._bound = True
 
-    def mark(self, step: int, reason: str | None, value: float) -> None:
+    def mark(self, step: int, reason: str | None, value: float, *, latest: int) -> None:
         """Queue a trigger at ``step`` (host only); it is handled at the flush that holds the step's row.
 
-        Use :meth:`GradWatch.mark`, which validates the arguments.
+        Called by :meth:`GradWatch.mark <gradwatch.GradWatch.mark>`.
 
         Args:
-            step: the marked step.
-            reason: the label kept as ``Incident.reason``.
+            step: the marked step, in ``[0, latest]``.
+            reason: the label kept as ``Incident.reason``, or None.
             value: the number kept as ``Incident.value``.
+            latest: the coming step of the watch (the largest step that may be marked).
+
+        Raises:
+            TypeError: ``reason`` not a string, ``step`` not an integer or ``value`` not a number.
+            ValueError: ``step`` out of range.
         """
-        self._marks.append((step, reason, value))
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None, got {type(reason).__name__}")
+        step = check_int(step, "step", min=0, max=latest)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"value must be a number, got {value!r} ({type(value).__name__})")
+        self._marks.append((step, reason, float(value)))
 
     # -- the flush ------------------------------------------------------------------
+    def keep(self, every_step: History, every: int, *, final: bool = False) -> History:
+        """A flush of every step: cut incidents (:meth:`process`), then keep the rows of ``step % every == 0``.
+
+        Args:
+            every_step: the flushed rows of every step, with their events.
+            every: the watch's ``every``.
+            final: the watch is closing (see :meth:`process`).
+
+        Returns:
+            The kept rows, with every event of the flush and the incidents completed.
+        """
+        incidents = self.process(every_step, final=final)
+        kept = every_step if every == 1 else every_step.take(every_step.steps % every == 0)
+        kept.events = list(every_step.events)
+        kept.incidents = incidents
+        return kept
+
     def process(self, rows: History, *, final: bool = False) -> list[Incident]:
         """Take one flush's rows (every step, with their events); return the incidents completed.
 

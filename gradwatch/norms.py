@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from gradwatch._compat import foreach_copy_, foreach_norm, foreach_sub_
+from gradwatch._compat import foreach_copy_, foreach_norm, foreach_sub_, is_dtensor, reduced_after_hooks
 from gradwatch._validate import check_float
 from gradwatch.contrib import Binding, Contributor, StepView
 
@@ -361,8 +361,6 @@ class NormMeter(ReadyOrder):
         replicas fork). Those parameters are measured in the fused pass at the
         step from now on: after the all-reduce, as the optimizer applies them.
         """
-        from gradwatch.distributed import reduced_after_hooks  # gradwatch.distributed imports this module
-
         self._check_reduced = False
         owned = reduced_after_hooks([self.params[i] for i in self._hooked_idx])
         reduced = [i for i, r in zip(self._hooked_idx, owned) if r]
@@ -503,6 +501,16 @@ class WeightNorms(Contributor):
         self._late: Tensor | None = None
 
     def bind(self, binding: Binding) -> None:
+        """Set up the fused weight-norm pass (and the scratch copy for updates).
+
+        Raises:
+            NotImplementedError: DTensor parameters (their weight norms would be the local shards').
+        """
+        if any(is_dtensor(p) for p in binding.params):
+            raise NotImplementedError(
+                "param_norms and update_ratio are not supported for DTensor parameters (FSDP2, HSDP, tensor "
+                "parallel) yet: their weight norms would be the local shards'"
+            )
         super().bind(binding)
         self.meter = WeightMeter(binding.params, update=self.update)
         P = len(binding.params)

@@ -39,6 +39,7 @@ import numpy as np
 
 from gradwatch._validate import check_bool, check_choice, check_int
 from gradwatch.detect import Event
+from gradwatch.distributed import get_rank
 from gradwatch.history import History
 
 __all__ = ["CSVSink", "CallbackSink", "JSONLSink", "Sink", "TensorBoardSink", "read_csv", "read_jsonl"]
@@ -81,13 +82,6 @@ def _check_path(path: Any, name: str = "path") -> Path:
     if os.fspath(path) == "":
         raise ValueError(f"{name} must be a non-empty path, got an empty string")
     return Path(path)
-
-
-def _rank() -> int:
-    """This process's rank in the default process group (0 without torch.distributed)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _check_group_by(group_by: Any) -> Any:
@@ -192,7 +186,7 @@ class _FileSink(Sink):
         self._stats: dict[str, int] = {}  # the statistics' columns and widths (0: one number a step)
         self._incidents: list[Any] = []  # every incident of this run, for the companion file
         self._resume_after: int | None = None  # mode "a": the last step already in the file
-        if _rank() == 0:  # now, before the watch opens any sink's file, and again at open(); other ranks
+        if get_rank() == 0:  # now, before the watch opens any sink's file, and again at open(); other ranks
             self._check_new()  # do not open file sinks by default, and rank 0 may have created the file already
 
     def _check_new(self) -> bool:
@@ -750,59 +744,108 @@ def read_jsonl(path: str | os.PathLike) -> History:
         names = [str(n) for n in header["names"]]
         meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
         start = f.tell()
-        cap = _count_lines(f)
+        rows = _JSONLRows(names, _count_lines(f))
         f.seek(start)
-        steps = np.empty(cap, np.int64)
-        scal = np.empty((cap, 3), np.float64)
-        norms = np.empty((cap, len(names)), np.float64)
-        events: list[Event] = []
-        stats: dict[str, list[Any]] = {}
-        n = 0
         for lineno, lines in _complete_lines(f):
             for k, line in enumerate(lines):
-                if not line.strip():
-                    continue
                 try:
-                    rec = json.loads(line)
-                    kind = rec["type"]
-                    if kind == "step":
-                        step = rec["step"]
-                        if isinstance(step, bool) or not isinstance(step, int):
-                            raise ValueError("step is not an integer")
-                        row = [_unnum(rec["norms"][name]) for name in names]
-                        scal[n] = (_unnum(rec["total"]), _unnum(rec["total_clipped"]), _unnum(rec["clip_coef"]))
-                        norms[n] = row
-                        steps[n] = step
-                        for key, value in rec.get("stats", {}).items():
-                            stats.setdefault(key, [math.nan] * n).append(_unnum_or_list(value))
-                        n += 1
-                        for column in stats.values():  # a statistic this row did not hold
-                            column.extend([math.nan] * (n - len(column)))
-                    elif kind == "event":
-                        thr = rec["threshold"]
-                        events.append(
-                            Event(
-                                int(rec["step"]),
-                                str(rec["kind"]),
-                                rec["name"],
-                                _unnum(rec["value"]),
-                                None if thr is None else _unnum(thr),
-                            )
-                        )
-                    else:
-                        raise ValueError(f"unknown record type {kind!r}")
+                    rows.add(line)
                 except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
                     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     raise ValueError(f"{src!r} line {lineno + k}: not a gradwatch record ({detail})") from None
-    norms, scal = norms[:n], scal[:n]
-    if _exact_float32(norms) and _exact_float32(scal):  # as read_csv: a float32 run reads back as float32
-        norms, scal = norms.astype(np.float32), scal.astype(np.float32)
     h = History(names, {**meta, "source": src, "source_format": "jsonl"}, unknown=_NOT_IN_FILES)
-    cols = {k: _stat_array(v) for k, v in stats.items()}
-    h.append(
-        steps[:n], norms, total=scal[:, 0], total_clipped=scal[:, 1], clip_coef=scal[:, 2], stats=cols, events=events
-    )
+    rows.into(h)
     return h
+
+
+class _JSONLRows:
+    """The records of a JSONL file as columns, filled line by line (capacity: the file's line count)."""
+
+    def __init__(self, names: list[str], cap: int) -> None:
+        self.names, self.n = names, 0
+        self.steps = np.empty(cap, np.int64)
+        self.scal = np.empty((cap, 3), np.float64)
+        self.norms = np.empty((cap, len(names)), np.float64)
+        self.events: list[Event] = []
+        self.stats: dict[str, list[Any]] = {}
+
+    def add(self, line: bytes) -> None:
+        """Parse one line (a step or an event record; blank lines are skipped)."""
+        if not line.strip():
+            return
+        rec = json.loads(line)
+        kind = rec["type"]
+        if kind == "event":
+            thr = rec["threshold"]
+            value = _unnum(rec["value"])
+            self.events.append(
+                Event(int(rec["step"]), str(rec["kind"]), rec["name"], value, None if thr is None else _unnum(thr))
+            )
+            return
+        if kind != "step":
+            raise ValueError(f"unknown record type {kind!r}")
+        step, n = rec["step"], self.n
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError("step is not an integer")
+        self.norms[n] = [_unnum(rec["norms"][name]) for name in self.names]
+        self.scal[n] = (_unnum(rec["total"]), _unnum(rec["total_clipped"]), _unnum(rec["clip_coef"]))
+        self.steps[n] = step
+        for key, value in rec.get("stats", {}).items():
+            self.stats.setdefault(key, [math.nan] * n).append(_unnum_or_list(value))
+        self.n = n + 1
+        for column in self.stats.values():  # a statistic this row did not hold
+            column.extend([math.nan] * (self.n - len(column)))
+
+    def into(self, h: History) -> None:
+        """Append the rows and events to ``h`` (float32 when every number is exactly a float32, as read_csv)."""
+        norms, scal = self.norms[: self.n], self.scal[: self.n]
+        if _exact_float32(norms) and _exact_float32(scal):
+            norms, scal = norms.astype(np.float32), scal.astype(np.float32)
+        stats = {k: _stat_array(v) for k, v in self.stats.items()}
+        total, clipped, coef = scal.T
+        h.append(self.steps[: self.n], norms, total=total, total_clipped=clipped, clip_coef=coef, stats=stats)
+        h.events = self.events
+
+
+class SinkSet:
+    """The sinks one watch feeds on this rank: opened all or none; a failing write or close stops no other.
+
+    Args:
+        sinks: the sinks (see :func:`check_sinks`).
+        here: whether this rank runs them (``GradWatch(sinks_rank=...)``).
+    """
+
+    def __init__(self, sinks: list[Any], here: bool) -> None:
+        self.sinks = list(sinks) if here else []
+
+    def open(self, names: list[str], meta: dict[str, Any]) -> None:
+        """Open every sink; if one refuses (e.g. an existing file), close those already open and re-raise."""
+        opened = []
+        try:
+            for s in self.sinks:
+                s.open(names, meta)
+                opened.append(s)
+        except BaseException:
+            _each(opened, "close")
+            raise
+
+    def write(self, chunk: History) -> list[Exception]:
+        """Hand ``chunk`` to every sink; returns the errors they raised."""
+        return _each(self.sinks, "write", chunk)
+
+    def close(self) -> list[Exception]:
+        """Close every sink; returns the errors they raised."""
+        return _each(self.sinks, "close")
+
+
+def _each(sinks: list[Any], method: str, *args: Any) -> list[Exception]:
+    errors: list[Exception] = []
+    for s in sinks:
+        try:
+            getattr(s, method)(*args)
+        except Exception as exc:
+            errors.append(exc)
+    return errors
 
 
 def check_sinks(value: Any, name: str = "sinks") -> list[Any]:

@@ -124,3 +124,15 @@ def test_device_mesh_flatten_and_root_on_a_one_process_mesh(tmp_path):
         assert _compat.root_mesh(mesh["tp"]) is mesh
     finally:
         dist.destroy_process_group()
+
+
+def test_accumulator_probe_sees_a_held_gradient_accumulator():
+    from torch.autograd.graph import get_gradient_edge
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert not _compat._accumulator_held(p)  # nothing but autograd: the node dies between the two looks
+    held = get_gradient_edge(p).node  # what DDP's reducer does: keep the node alive
+    assert _compat._accumulator_held(p)
+    del held
+    assert not _compat._accumulator_held(p)
+    assert _compat.reduced_after_hooks([p]) == [False]  # no process group: nothing reduces

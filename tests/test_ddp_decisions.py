@@ -26,7 +26,7 @@ from _dist_harness import result_of, run_scenarios
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.distributed import reduced_after_hooks
+from gradwatch._compat import reduced_after_hooks
 from gradwatch.norms import HOOK_MIN_NUMEL
 
 WIDTH = 256  # the first layer's weight has WIDTH**2 = 65,536 elements: hooked under measure="auto"

@@ -18,6 +18,7 @@ from gradwatch._validate import check_bool, check_choice, check_instance, check_
 from gradwatch.clip import Clipper
 from gradwatch.detect import Detector
 from gradwatch.history import History
+from gradwatch.sinks import check_sinks
 
 __all__: list[str] = []
 
@@ -53,11 +54,7 @@ def check_callback_args(
             check_choice(log_groups, "log_groups", (_PARAMS,))
         check_int(log_groups, "log_groups", min=1)
     check_instance(log_prefix, "log_prefix", str, "a string")
-    sinks = list(sinks)
-    for sink in sinks:
-        if not all(callable(getattr(sink, m, None)) for m in ("open", "write", "close")):
-            raise TypeError(f"sinks must be gradwatch sinks (open/write/close methods), got {type(sink).__name__}")
-    return detectors, sinks
+    return detectors, check_sinks(sinks)
 
 
 class LatestRow:

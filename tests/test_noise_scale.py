@@ -116,6 +116,25 @@ def test_equals_stored_micro_batch_reference(k):
     assert_matches(h.stats, reference(per_step, B_S, ALPHA))
 
 
+def test_float64_model_is_recorded_in_float64():
+    torch.manual_seed(0)
+    model = Net().double()
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA)])
+    per_step = []
+    for step in range(3):
+        mbs = [(x.double(), y.double()) for x, y in micro_batches(step, 4)]
+        per_step.append(micro_grads(model, mbs))
+        model.zero_grad()
+        for x, y in mbs:
+            (mse(model(x), y) / 4).backward()
+        watch.step()
+    h = watch.history
+    ref = reference(per_step, B_S, ALPHA)
+    assert h.stats["noise.trace"].dtype == np.float64
+    for key in ("grad_sq", "trace", "b_simple"):
+        np.testing.assert_allclose(h.stats[f"noise.{key}"], ref[key], rtol=1e-10)
+
+
 def test_sum_convention_same_b_simple_grad_sq_in_step_gradient_units():
     """Backward of the un-divided loss: the step gradient is K G_big, so grad_sq and trace are K^2 larger."""
     k = 4

@@ -29,16 +29,24 @@ from gradwatch.norms import accumulation_dtype, sparse_values
 __all__ = ["NoiseScale"]
 
 
-def _square(g: Tensor) -> Tensor:
-    """``|g|^2`` as a 0-d tensor: one ``torch.dot`` for float32/float64 (read at memory speed).
+def _norm(g: Tensor) -> Tensor:
+    """``|g|`` as a 0-d tensor in one operation (``vector_norm``; half precision accumulated in float32).
 
-    Half precision is accumulated in float32, complex and sparse tensors through ``vector_norm``.
+    One ``linalg_vector_norm`` reads the whole tensor, any shape, without a
+    reshape (a ``torch.dot`` would need one, and on CPU it was slower, 8 vs
+    0.4 ms for a 2048 x 2048 gradient with torch 2.13 on 2 cores).
     """
-    g = sparse_values(g).detach()  # create_graph=True gradients are part of a graph
-    if g.dtype.is_floating_point and accumulation_dtype(g.dtype) is None:
-        flat = g.reshape(-1)
-        return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.dtype)).square()
+    if g.layout != torch.strided:
+        g = sparse_values(g)
+    if g.requires_grad:  # create_graph=True: the gradient is part of a graph
+        g = g.detach()
+    return torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.dtype))
+
+
+def _sum_of_squares(norms: list[Tensor]) -> Tensor:
+    """``sum_i norms_i^2`` in two operations: a stack and a dot."""
+    v = torch.stack(norms)
+    return torch.dot(v, v)
 
 
 class NoiseScale(Contributor):
@@ -70,13 +78,14 @@ class NoiseScale(Contributor):
 
     **How the gradients are read.** A tensor hook on every parameter receives
     ``c_j``, the gradient that backward call adds to ``.grad`` -- before it is
-    added, so no copy is kept: one ``torch.dot(c_j, c_j)`` per parameter per
-    backward call. ``G_big`` is the step's gradient ``g`` as the watch
+    added, so no copy is kept: one ``vector_norm(c_j)`` per parameter per
+    backward call (the squares are summed at the step in one ``stack`` and one
+    ``dot``). ``G_big`` is the step's gradient ``g`` as the watch
     measures it (pre-clip, AMP-unscaled, after DDP's averaging), so
     ``b2 = total²``; each micro-batch gradient is taken in the same units,
     ``G_j = K·c_j/S`` where ``S`` is the factor between the hooks' gradients
     and ``g`` (``S = 1`` without a ``GradScaler``; with one,
-    ``S = |Σ_j c_j|/|g|``, measured by one more ``torch.dot`` per parameter
+    ``S = |Σ_j c_j|/|g|``, measured by one more ``vector_norm`` per parameter
     in a post-accumulate-grad hook). ``K·c_j`` is the micro-batch gradient of
     the mean loss when, as usual, each backward call carries ``loss / K``
     (mean convention: then ``g = G_big`` exactly). With the sum convention
@@ -199,8 +208,8 @@ class NoiseScale(Contributor):
 
     def _reset(self) -> None:
         """Forget the hooks' values: a new step begins."""
-        self._sq: list[Tensor] = []  # |c_j|^2 of every parameter and backward call since the last step
-        self._sums: dict[int, Tensor] = {}  # AMP: |sum_j c_j|^2 per parameter (the latest accumulated .grad)
+        self._norms: list[Tensor] = []  # |c_j| of every parameter and backward call since the last step
+        self._sums: dict[int, Tensor] = {}  # AMP: |sum_j c_j| per parameter (the latest accumulated .grad)
         self._counts = [0] * len(self.binding.params)
         self._boundary = False
 
@@ -211,14 +220,14 @@ class NoiseScale(Contributor):
             if self._boundary:
                 self._reset()
             self._counts[i] += 1
-            self._sq.append(self._as_row(_square(grad)))
+            self._norms.append(self._as_row(_norm(grad)))
 
         return hook
 
     def _sum_hook(self, i: int) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
             if self._hot and param.grad is not None:
-                self._sums[i] = self._as_row(_square(param.grad))
+                self._sums[i] = self._as_row(_norm(param.grad))
 
         return hook
 
@@ -233,8 +242,8 @@ class NoiseScale(Contributor):
         """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync)."""
         assert self._ema is not None and self._started is not None
         k_local = max(self._counts, default=0)
-        sq = torch.stack(self._sq).sum() if self._sq else torch.zeros_like(self._nan)
-        sums = torch.stack(list(self._sums.values())).sum() if self._amp and self._sums else None
+        sq = _sum_of_squares(self._norms) if self._norms else torch.zeros_like(self._nan)
+        sums = _sum_of_squares(list(self._sums.values())) if self._amp and self._sums else None
         self._reset()
         R = self._world
         if R > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks

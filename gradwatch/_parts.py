@@ -268,14 +268,17 @@ class RowPlan:
         """
         if not isinstance(state, dict) or not {"clipper", "detectors"} <= set(state):
             raise ValueError("state must be a dict from GradWatch.state_dict() (keys 'step', 'clipper', 'detectors')")
-        stats = state.get("stats", [{} for _ in self.stats])
-        for key, theirs, mine in (("detectors", state["detectors"], self.detectors), ("stats", stats, self.stats)):
+        stats = state.get("stats")  # None: saved before statistics existed
+        counts = [("detectors", state["detectors"], self.detectors)]
+        if stats is not None:
+            counts.append(("stats", stats, self.stats))
+        for key, theirs, mine in counts:
             if len(theirs) != len(mine):
                 raise ValueError(f"state has {len(theirs)} {key}, this watch {len(mine)}")
         if (state["clipper"] is None) != (self.clip is None):
             raise ValueError("state and watch disagree on having a clipper")
         clip = [(self.clip, state["clipper"])] if self.clip is not None else []
-        for part, st in [*clip, *zip(self.detectors, state["detectors"]), *zip(self.stats, stats)]:
+        for part, st in [*clip, *zip(self.detectors, state["detectors"]), *zip(self.stats, stats or [])]:
             part.load_state_dict(st)
 
 

@@ -179,7 +179,31 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if any(r["clipped"] is None for r in rows):
         print("clipped ?: unknown, this file does not hold post-clip norms per parameter (History.save does)")
     _print_weights(h)
+    _print_stats(h)
     return 0
+
+
+def _print_stats(h: History) -> None:
+    """The statistics' columns (``History.stats``): last and median value, over finite values."""
+    stats = h.stats
+    if not stats:
+        return
+    width = max(len("statistic"), *(len(k) for k in stats))
+    print(f"\n{'statistic':<{width}}  {'last':>10}  {'median':>10}  {'finite steps':>12}")
+    for name, col in stats.items():
+        col = np.asarray(col, dtype=np.float64)
+        per_step = col if col.ndim == 1 else _per_step_max(col)
+        fin = per_step[np.isfinite(per_step)]
+        last = float(fin[-1]) if fin.size else math.nan
+        label = name if col.ndim == 1 else f"{name} (max)"
+        print(f"{label:<{width}}  {_fmt(last):>10}  {_fmt(_nanmedian(fin)):>10}  {fin.size:>12}")
+
+
+def _per_step_max(col: np.ndarray) -> np.ndarray:
+    """Each row's largest finite value (NaN for a row without one)."""
+    masked = np.where(np.isfinite(col), col, -np.inf)
+    best = masked.max(axis=1) if col.shape[1] else np.full(len(col), -np.inf)
+    return np.where(np.isfinite(best), best, np.nan)
 
 
 def _print_weights(h: History, depth: int = 1) -> None:

@@ -10,9 +10,10 @@ not the bytes it reads -- is what monitoring and clipping cost. A
 operations of one steady-state step (after 30 warm-up steps, so ZClip and the
 detectors are past their warm-up); the table shows the count minus the plain
 step's (forward, backward, ``optimizer.step``) on MLPs with 4 and 64 parameter
-tensors and a small transformer. A second table counts the operations inside
-``clipper.clip_`` alone, given the norms the watch measured -- the clipper's own
-share, whatever the watch around it does. Op counts are deterministic, so
+tensors and a small transformer (24 tensors of 5 shapes), next to the target of
+issue #20 (``TARGET``: at most 24, the same for every model). A second table
+counts the operations inside ``clipper.clip_`` alone, given the norms the watch
+measured -- the clipper's own share, whatever the watch around it does. Op counts are deterministic, so
 ``tests/test_ops.py`` guards them with upper bounds.
 
 The timing part measures AutoClip's per-step cost (one ``clip_`` call) with
@@ -38,6 +39,9 @@ import gradwatch as gw
 from gradwatch.clip import ClipContext
 
 WARMUP = 30
+#: issue #20: every clipper and detector adds at most this many operations to a training step
+#: (a watch with it, minus the plain step), whatever the number of parameter tensors and shapes
+TARGET = 24
 
 
 def mlp(tensors: int) -> nn.Module:
@@ -242,15 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, gradwatch {gw.__version__}\n")
 
     results = {m: added_ops(m) for m in args.models}
-    print("Operations added to one steady-state training step (minus the plain step's), host syncs added:\n")
-    print("| variant | " + " | ".join(args.models) + " |")
-    print("|---|" + "---:|" * len(args.models))
+    print(
+        "Operations added to one steady-state training step (minus the plain step's), host syncs added; "
+        f"target: a clipper or detector adds <= {TARGET}, the same for every model (any number of tensors "
+        "and shapes), no sync:\n"
+    )
+    print("| variant | " + " | ".join(args.models) + f" | <= {TARGET}, flat, no sync |")
+    print("|---|" + "---:|" * len(args.models) + "---|")
+    misses = []
     for variant in results[args.models[0]]:
         cells = []
         for m in args.models:
             ops, syncs = results[m][variant]
             cells.append(f"{ops}" + (f" ({syncs} syncs)" if syncs else ""))
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+        verdict = ""
+        if variant.startswith("+ "):
+            counts = {results[m][variant] for m in args.models}
+            met = len(counts) == 1 and all(n <= TARGET and not syncs for n, syncs in counts)
+            verdict = "PASS" if met else "MISS"
+            if not met:
+                misses.append(variant[2:])
+        print(f"| {variant} | " + " | ".join(cells) + f" | {verdict} |")
+    print(
+        f"\n{'PASS' if not misses else 'MISS'}  target <= {TARGET} ops per step"
+        + (f"; missed by: {', '.join(misses)}" if misses else " for every clipper and detector")
+    )
 
     print("\nOperations inside clipper.clip_ alone (given the watch's norms), host syncs:\n")
     print("| clipper | " + " | ".join(args.models) + " |")

@@ -15,8 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TorchDispatchMode",
+    "flatten_cat",
     "foreach_clamp_",
     "foreach_copy_",
+    "foreach_mul",
     "foreach_mul_",
     "foreach_norm",
     "foreach_sub_",
@@ -31,6 +33,15 @@ __all__ = [
 ]
 
 
+def flatten_cat(tensors: Sequence[Tensor]) -> Tensor:
+    """All ``tensors`` (one device and dtype, ndim >= 1) flattened into one ``[1, N]`` tensor, in one op.
+
+    ``torch._chunk_cat(tensors, dim=0, num_chunks=1)``: FSDP2's copy-in
+    kernel; ``torch.cat`` would need one view per tensor to flatten them.
+    """
+    return torch._chunk_cat(list(tensors), 0, 1)
+
+
 def foreach_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype | None = None) -> list[Tensor]:
     """``torch._foreach_norm`` where the device has it (CPU, CUDA, the private-use backend), else a loop.
 
@@ -40,6 +51,11 @@ def foreach_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch
     if device.type in ("cpu", "cuda") or device.type == torch._C._get_privateuse1_backend_name():
         return list(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
     return [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
+
+
+def foreach_mul(tensors: Sequence[Tensor], factor: Tensor) -> list[Tensor]:
+    """``torch._foreach_mul``: every tensor times the 0-d ``factor``, in one call (new tensors)."""
+    return list(torch._foreach_mul(list(tensors), factor))
 
 
 def foreach_mul_(tensors: Sequence[Tensor], factors: Tensor | Sequence[Tensor] | float) -> None:

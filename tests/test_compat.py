@@ -20,6 +20,19 @@ def test_foreach_norm_matches_a_float64_reference_and_torchs_total_norm_bits():
     assert half[0].dtype == torch.float32 and half[0].item() == pytest.approx(300.0 * 7**0.5, rel=1e-6)
 
 
+def test_flatten_cat_is_one_op_and_equals_cat_of_flattened_tensors():
+    from gradwatch._compat import flatten_cat
+    from gradwatch.syncs import count_host_syncs
+
+    ts = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 3, 2)]
+    with count_host_syncs() as c:
+        flat = flatten_cat(ts)
+    assert sum(c.ops.values()) == 1
+    assert torch.equal(flat, torch.cat([t.reshape(-1) for t in ts]).unsqueeze(0))
+    c = torch.tensor(0.5)
+    assert all(torch.equal(a, t * c) for a, t in zip(_compat.foreach_mul(ts, c), ts))
+
+
 def test_foreach_in_place_shims_match_plain_tensor_ops():
     a, b = torch.tensor([1.0, -4.0, 9.0]), torch.tensor([[2.0, -3.0]])
     _compat.foreach_mul_([a, b], torch.tensor(0.5))

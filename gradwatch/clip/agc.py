@@ -5,13 +5,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradwatch._compat import foreach_norm
+from gradwatch._compat import flatten_cat, foreach_mul_, foreach_norm
 from gradwatch._validate import check_names
 from gradwatch.clip.base import (
     _EPS_TORCH,
@@ -30,7 +30,15 @@ __all__ = ["AGC"]
 
 @dataclass
 class _Piece:
-    """Parameters whose unit norms come from one reduction: ``kind`` is vec, cat or big."""
+    """Parameters whose unit norms come from one reduction: ``kind`` is flat, vec, cat or big.
+
+    ``flat``: every small real-floating parameter of one device and dtype, its
+    weights and gradients copied into one buffer (one op) and reduced per unit
+    with one ``segment_reduce``, whatever their shapes; ``layout`` then holds,
+    per ndim in order, ``(ndim, units per parameter)``, ``lengths`` the
+    elements per unit (weights, then gradients) and ``floor`` the squared
+    floors ``[eps**2] * units + [1e-12] * units``.
+    """
 
     kind: str
     indices: list[int]
@@ -38,6 +46,9 @@ class _Piece:
     ndim: int
     device: torch.device
     acc: torch.dtype | None
+    layout: list[tuple[int, list[int]]] = field(default_factory=list)
+    lengths: Tensor | None = None
+    floor: Tensor | None = None
 
 
 class AGC(Clipper):
@@ -51,13 +62,19 @@ class AGC(Clipper):
         G_i \leftarrow \lambda \frac{\max(\lVert W_i \rVert, \epsilon)}{\max(\lVert G_i \rVert, 10^{-6})} G_i
 
     The same as timm's ``adaptive_clip_grad``. The unit norms of all
-    parameters are computed in a few batched operations -- weights of the same
-    trailing shape are concatenated, biases and scalars go through one
-    ``torch._foreach_norm`` -- and all gradients are scaled by one
-    ``torch._foreach_mul_``, so the operations per step grow with the number of
-    distinct trailing shapes, not with the number of parameters. Tensors of
-    :attr:`batch_numel` elements or more are reduced in place instead of being
-    copied. The paper does not clip the final classifier: name it in
+    parameters are computed in a few batched operations: the weights and
+    gradients of every real floating-point parameter of one device and dtype
+    are copied into one buffer (one op, whatever their shapes) and summed per
+    unit by one ``torch.segment_reduce``; all gradients are then scaled by one
+    ``torch._foreach_mul_``. So the operations per step do not grow with the
+    number of parameters nor with the number of distinct shapes (only with the
+    number of distinct ``ndim``, for the views that broadcast each factor).
+    Tensors of :attr:`batch_numel` elements or more are reduced in place
+    instead of being copied (one reduction each), and parameters whose
+    gradient has another dtype, complex ones and scalars go through the
+    per-shape path (``torch._foreach_norm`` for vectors, one concatenation per
+    trailing shape). The squared unit norms of the one-buffer path are
+    accumulated in float32 (float64 for float64 parameters). The paper does not clip the final classifier: name it in
     ``exclude``. Zero-element parameters are left alone; sparse gradients raise
     ``NotImplementedError`` naming the parameter.
 
@@ -118,25 +135,31 @@ class AGC(Clipper):
         """The batched reductions for this pattern of present gradients (cached)."""
         key = tuple(None if g is None else (g.dtype, g.device, g.layout) for g in ctx.grads)
         plan = self._plans.get(key)
-        if plan is not None:
-            return plan
-        assert self._mask is not None
-        _reject(ctx, self)
+        if plan is None:
+            assert self._mask is not None
+            _reject(ctx, self)
+            plan = self._plans[key] = self._make_plan(ctx, self._mask)
+        return plan
+
+    def _make_plan(self, ctx: ClipContext, mask: list[bool]) -> list[_Piece]:
+        flat: dict[tuple, list[int]] = {}
         vec: dict[tuple, list[int]] = {}
         cat: dict[tuple, list[int]] = {}
         big: list[int] = []
         for i, (p, g) in enumerate(zip(ctx.params, ctx.grads)):
-            if g is None or self._mask[i] or g.numel() == 0:
+            if g is None or mask[i] or g.numel() == 0:
                 continue
             if g.shape != p.shape:
                 raise ValueError(f"AGC: gradient of {ctx.names[i]!r} has shape {tuple(g.shape)}, not {tuple(p.shape)}")
-            if g.ndim <= 1:
-                vec.setdefault((g.device, g.dtype, p.dtype), []).append(i)
-            elif g.numel() >= self.batch_numel:
+            if g.numel() >= self.batch_numel and g.ndim > 1:
                 big.append(i)
+            elif g.ndim >= 1 and g.dtype == p.dtype and g.dtype.is_floating_point:
+                flat.setdefault((g.device, g.dtype), []).append(i)
+            elif g.ndim <= 1:
+                vec.setdefault((g.device, g.dtype, p.dtype), []).append(i)
             else:
                 cat.setdefault((g.device, g.dtype, p.dtype, g.ndim, tuple(g.shape[1:])), []).append(i)
-        plan = []
+        plan = [self._flat_piece(ctx, idx, device, dt) for (device, dt), idx in flat.items()]
         for (device, gdt, pdt), idx in vec.items():
             plan.append(_Piece("vec", idx, [1] * len(idx), 1, device, _accumulate(gdt) or _accumulate(pdt)))
         for (device, gdt, pdt, ndim, _), idx in cat.items():
@@ -146,8 +169,83 @@ class AGC(Clipper):
             g = ctx.grads[i]
             assert g is not None
             plan.append(_Piece("big", [i], [g.shape[0]], g.ndim, g.device, _accumulate(g.dtype)))
-        self._plans[key] = plan
         return plan
+
+    def _flat_piece(self, ctx: ClipContext, idx: list[int], device: torch.device, dtype: torch.dtype) -> _Piece:
+        """One buffer for all of ``idx`` (ordered by ndim); units: rows, or the whole tensor for ndim 1."""
+        idx = sorted(idx, key=lambda i: ctx.params[i].ndim)
+        layout: list[tuple[int, list[int]]] = []
+        for i in idx:
+            p = ctx.params[i]
+            if not layout or layout[-1][0] != p.ndim:
+                layout.append((p.ndim, []))
+            layout[-1][1].append(1 if p.ndim == 1 else p.shape[0])
+        rows = [r for _, rs in layout for r in rs]
+        per_unit = [ctx.params[i].numel() // r for i, r in zip(idx, rows) for _ in range(r)]
+        units = len(per_unit)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        lengths = torch.tensor([per_unit * 2], dtype=torch.int64, device=device)
+        floor = torch.tensor([[self.eps**2] * units + [1e-12] * units], dtype=acc, device=device)
+        return _Piece("flat", idx, rows, 0, device, None if acc == dtype else acc, layout, lengths, floor)
+
+    @staticmethod
+    def _squares(ctx: ClipContext, pc: _Piece) -> Tensor:
+        """``[1, 2 * units]``: the squared unit norms of the weights, then of the gradients, of a flat piece."""
+        flat = flatten_cat([ctx.params[i] for i in pc.indices] + [ctx.grads[i] for i in pc.indices])  # type: ignore[misc]
+        if pc.acc is not None:
+            flat = flat.to(pc.acc)
+        return torch.segment_reduce(flat * flat, "sum", lengths=pc.lengths, axis=1)
+
+    def _norms(self, ctx: ClipContext, pc: _Piece) -> Tensor:
+        """``[2, units]``: the weight and gradient norms of the units of one piece."""
+        ps = [ctx.params[i] for i in pc.indices]
+        gs: list[Tensor] = [ctx.grads[i] for i in pc.indices]  # type: ignore[misc]
+        if pc.kind == "flat":
+            return self._squares(ctx, pc).sqrt()
+        if pc.kind == "vec":
+            return torch.stack(foreach_norm(ps + gs, 2, dtype=pc.acc))
+        dims = tuple(range(1, pc.ndim))
+        if pc.kind == "cat":
+            return torch.linalg.vector_norm(torch.cat(ps + gs), dim=dims, dtype=pc.acc)
+        return torch.cat([torch.linalg.vector_norm(t, dim=dims, dtype=pc.acc) for t in (ps[0], gs[0])])
+
+    def _factor(self, ctx: ClipContext, plan: list[_Piece], home: torch.device) -> Tensor:
+        """The factor of every unit, in plan order."""
+        if len(plan) == 1 and plan[0].kind == "flat" and self.eps * self.clipping >= _EPS_TORCH:
+            # min(lambda max(|W|, eps) / max(|G|, 1e-6), 1) from the squared norms: no sqrt before the ratio
+            sw, sg = self._squares(ctx, plan[0]).clamp(min=plan[0].floor).split(sum(plan[0].rows), dim=1)
+            ratio = torch.addcdiv(self._constant(0.0, sw, ()), sw, sg, value=self.clipping**2)
+            return ratio.clamp_(max=1.0).sqrt_()
+        pieces = [u if u.device == home else u.to(home) for u in (self._norms(ctx, pc) for pc in plan)]
+        w_norm, g_norm = (
+            torch.cat([u.view(2, -1) for u in pieces], dim=1).unbind()
+            if len(pieces) > 1
+            else (pieces[0].view(2, -1).unbind())
+        )
+        floor = torch.clamp(w_norm, min=self.eps)
+        if self.eps * self.clipping >= _EPS_TORCH:  # then the ratio is >= 1 whenever the unit is within bounds
+            ratio = torch.addcdiv(self._constant(0.0, g_norm, ()), floor, g_norm.clamp(min=1e-6), value=self.clipping)
+            return torch.clamp(ratio, max=1.0)
+        limit = floor * self.clipping
+        return torch.where(g_norm > limit, limit / g_norm.clamp(min=1e-6), 1.0)
+
+    @staticmethod
+    def _views(pc: _Piece, f: Tensor) -> list[Tensor]:
+        """One factor view per gradient of ``pc``, shaped to broadcast over its units."""
+        if pc.kind == "vec":
+            return list(f.unbind(-1))
+        if pc.kind != "flat":
+            shaped = f.view((-1,) + (1,) * (pc.ndim - 1))
+            return list(shaped.split(pc.rows) if pc.kind == "cat" else (shaped,))
+        out: list[Tensor] = []
+        chunks = f.split([sum(rs) for _, rs in pc.layout], dim=-1) if len(pc.layout) > 1 else (f,)
+        for (ndim, rs), chunk in zip(pc.layout, chunks):
+            if ndim == 1:
+                out.extend(chunk.unbind(-1))
+            else:
+                shaped = chunk.view((-1,) + (1,) * (ndim - 1))
+                out.extend(shaped.split(rs) if len(rs) > 1 else (shaped,))
+        return out
 
     @torch.no_grad()
     def clip_(self, ctx: ClipContext) -> ClipResult:
@@ -161,47 +259,14 @@ class AGC(Clipper):
         nan = self._constant(math.nan, total)
         if not plan:
             return ctx.result(total, nan, lambda: ctx.norms)
-        home = total.device
-        pieces = []  # [2, units]: weight norms, gradient norms
-        for pc in plan:
-            ps = [ctx.params[i] for i in pc.indices]
-            gs: list[Tensor] = [ctx.grads[i] for i in pc.indices]  # type: ignore[misc]
-            if pc.kind == "vec":
-                u = torch.stack(foreach_norm(ps + gs, 2, dtype=pc.acc))
-            elif pc.kind == "cat":
-                u = torch.linalg.vector_norm(torch.cat(ps + gs), dim=tuple(range(1, pc.ndim)), dtype=pc.acc)
-            else:
-                dims = tuple(range(1, pc.ndim))
-                u = torch.cat(
-                    [
-                        torch.linalg.vector_norm(ps[0], dim=dims, dtype=pc.acc),
-                        torch.linalg.vector_norm(gs[0], dim=dims, dtype=pc.acc),
-                    ]
-                )
-            pieces.append((u if u.device == home else u.to(home)).view(2, -1))
-        w_norm, g_norm = (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).unbind()
-        floor = torch.clamp(w_norm, min=self.eps)
-        if self.eps * self.clipping >= _EPS_TORCH:  # then the ratio is >= 1 whenever the unit is within bounds
-            factor = torch.clamp(
-                torch.addcdiv(self._constant(0.0, g_norm, ()), floor, g_norm.clamp(min=1e-6), value=self.clipping),
-                max=1.0,
-            )
-        else:
-            limit = floor * self.clipping
-            factor = torch.where(g_norm > limit, limit / g_norm.clamp(min=1e-6), 1.0)
-        # one factor view per gradient, shaped to broadcast over its units; one fused multiply
-        chunks = factor.split([sum(pc.rows) for pc in plan]) if len(plan) > 1 else (factor,)
+        factor = self._factor(ctx, plan, total.device)
+        chunks = factor.split([sum(pc.rows) for pc in plan], dim=-1) if len(plan) > 1 else (factor,)
         grads: list[Tensor] = []
         views: list[Tensor] = []
         for pc, f in zip(plan, chunks):
-            f = f if f.device == pc.device else f.to(pc.device)
             grads.extend(ctx.grads[i] for i in pc.indices)  # type: ignore[misc]
-            if pc.kind == "vec":
-                views.extend(f.unbind())
-            else:
-                shaped = f.view((-1,) + (1,) * (pc.ndim - 1))
-                views.extend(shaped.split(pc.rows) if pc.kind == "cat" else (shaped,))
-        torch._foreach_mul_(grads, views)
+            views.extend(self._views(pc, f if f.device == pc.device else f.to(pc.device)))
+        foreach_mul_(grads, views)  # one fused multiply
         return ctx.result(total, nan, lambda: _measure_after(ctx))
 
     def _clip_sharded(self, ctx: ClipContext, total: Tensor) -> ClipResult:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch._compat import foreach_norm
+from gradwatch._compat import foreach_mul, foreach_mul_, foreach_norm
 from gradwatch._params import named_trainable
 from gradwatch._validate import check_float
 from gradwatch.distributed import full_norms, is_dtensor, local_tensor
@@ -171,7 +171,8 @@ class ClipContext:
         if not self.measured:
             return ClipResult(None, None, coef, threshold, norm)
         c = coef.to(self.norms)
-        return ClipResult(self.norms * c, self.total.to(c) * c, c, threshold.to(c), norm)
+        norms, total = foreach_mul([self.norms, self.total.to(c)], c)  # one fused multiply
+        return ClipResult(norms, total, c, threshold.to(c), norm)
 
     def result(self, norm: Tensor, threshold: Tensor, norms_after: Callable[[], Tensor]) -> ClipResult:
         """The :class:`ClipResult` of a step that changed the gradients in any other way.
@@ -394,7 +395,7 @@ class GlobalClipper(Clipper):
     def act(self, ctx: ClipContext, coef: Tensor) -> None:
         """Multiply every gradient by ``coef`` (one fused call per device and dtype, as torch does)."""
         for (device, _), (grads, _) in ctx.groups.items():
-            torch._foreach_mul_(grads, coef.to(device))
+            foreach_mul_(grads, coef.to(device))
 
     @torch.no_grad()
     def clip_(self, ctx: ClipContext) -> ClipResult:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradwatch._compat import foreach_clamp_, foreach_mul_
 from gradwatch._validate import check_float
 from gradwatch.clip.base import (
     _EPS_TORCH,
@@ -59,8 +60,7 @@ class ClipByValue(Clipper):
         _reject(ctx, self, complex_ok=False)
         total = ctx.total  # before the gradients change
         for _, (grads, _) in ctx.groups.items():
-            torch._foreach_clamp_min_(grads, -self.clip_value)
-            torch._foreach_clamp_max_(grads, self.clip_value)
+            foreach_clamp_(grads, -self.clip_value, self.clip_value)
         return ctx.result(total, self._constant(math.nan, total), lambda: _measure_after(ctx))
 
 
@@ -110,13 +110,13 @@ class ClipByNorm(Clipper):
         groups = ctx.groups
         if len(groups) == 1 and len(next(iter(groups.values()))[1]) == len(ctx.grads):
             ((device, _), (grads, _)) = next(iter(groups.items()))  # one group, no missing grads
-            torch._foreach_mul_(grads, factors.to(device).unbind())
+            foreach_mul_(grads, factors.to(device).unbind())
         else:
             for (device, _), (grads, positions) in groups.items():
                 key = (factors.device, tuple(positions))
                 if key not in self._index:
                     self._index[key] = torch.tensor(positions, device=factors.device)
-                torch._foreach_mul_(grads, factors.index_select(0, self._index[key]).to(device).unbind())
+                foreach_mul_(grads, factors.index_select(0, self._index[key]).to(device).unbind())
         return ctx.result(total, self._constant(self.clip_norm, total), lambda: norms * factors)
 
 

@@ -115,26 +115,35 @@ class ZClip(GlobalClipper):
         if st is None:
             st = torch.zeros(3, dtype=dtype, device=like.device)
         self._stats = st = st.to(dtype=dtype, device=like.device)
-        self._seen, self._row = st[2:], st.view(1, 3)  # views, made once
+        # views, made once: no view op per step
+        self._mean, self._var, self._seen = st[0], st[1], st[2:]
+        self._row = st.view(1, 3)
         self._table = self._rows(st)
         self._powers = torch.tensor([1.0, 2.0, 0.0], dtype=dtype, device=like.device)
         return st, self._table
 
     def decide(self, norm: Tensor) -> tuple[Tensor, Tensor]:
-        """z-score the norm, bound a spike, update the statistics (warm-up or EMA) with the clipped norm."""
-        st, table = self._ready(norm)
-        g = norm if norm.dtype == st.dtype else norm.to(st.dtype)
-        mean, var, _ = st.unbind()
+        """z-score the norm, bound a spike, update the statistics (warm-up or EMA) with the clipped norm.
+
+        One small program over the stacked statistics ``[mean, var, count]``:
+        the count's table row gives the update factors and the z bound, one
+        ``addcmul`` updates all three statistics and one ``where`` keeps them
+        when the norm is not finite.
+        """
+        _, table = self._ready(norm)
+        g = norm if norm.dtype == self._row.dtype else norm.to(self._row.dtype)
+        mean, row = self._mean, self._row
         # the row of the count of finite norms seen: [1, 3] each; zmax = inf during warm-up (no spike)
         a, b, zmax = table.index_select(0, self._seen.long()).unbind(1)
-        std = var.sqrt()
+        std = self._var.sqrt()
         z = (g - mean) / (std + self.eps)
-        bound = torch.where(z > zmax, torch.addcdiv(mean, std, z, value=self.z_thresh**2), self._constant(math.inf, g))
-        d = torch.minimum(g, bound) - mean  # the clipped norm minus the mean
-        row = self._row  # the statistics as [1, 3], the shape of the table's rows
+        spike = z > zmax
+        braw = torch.addcdiv(mean, std, z, value=self.z_thresh**2)  # below g wherever z > z_thresh
+        bound = torch.where(spike, braw, self._constant(math.inf, g))  # [1, 3] copies of the bound
+        d = torch.where(spike, braw, g) - mean  # the clipped norm minus the mean
         new = torch.addcmul(row * a, b, d.pow(self._powers))
         torch.where(g < math.inf, new, row, out=row)  # a non-finite norm leaves the statistics untouched
-        thr = bound.amin()  # [1, 3] copies of the bound -> 0-d
+        thr = bound.amin()  # -> 0-d
         # fmin: a NaN ratio (a NaN norm, or an infinite one with no bound yet) leaves the gradients as they are
         coef = torch.fmin(thr / (g + _EPS_TORCH), self._constant(1.0, g))
         if self.max_norm is not None:

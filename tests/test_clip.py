@@ -138,8 +138,14 @@ def agc_reference(p, g, clipping, eps):
 
 
 @pytest.mark.parametrize("clipping", [0.01, 0.5])
-def test_agc_equals_per_unit_loop(clipping):
-    ps = params_with_grads([(6, 3, 3, 3), (5, 4), (5,), ()], scale=0.3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shapes",
+    [[(6, 3, 3, 3), (5, 4), (5,), ()], [(6, 3, 3, 3), (5, 4), (5,), (4, 7)]],
+    ids=["with-a-scalar", "one-buffer"],  # the second: every unit from one buffer and one segment_reduce
+)
+def test_agc_equals_per_unit_loop(clipping, dtype, shapes):
+    ps = params_with_grads(shapes, [dtype] * len(shapes), scale=0.3)
     ps[1].data[2] = 0.0  # a dead unit: weight norm floored at eps
     before = grads_of(ps)
     named = [(f"p{i}", p) for i, p in enumerate(ps)]

@@ -21,8 +21,10 @@ Everything runs on the gradients' device: thresholds, histories and moving
 averages are tensors, and no clipper reads a value back to the host, so a
 clipped step costs no host synchronisation. The number of tensor operations a
 clipper dispatches per step does not grow with the number of parameter tensors
-(AGC: with the number of distinct trailing shapes), which is what a step costs
-on a GPU, where every operation is a kernel launch; see ``benchmarks/ops.py``.
+nor with their shapes (AGC: with the number of distinct ``ndim``, and one
+reduction per tensor of ``AGC.batch_numel`` elements or more), which is what a
+step costs on a GPU, where every operation is a kernel launch; see
+``benchmarks/ops.py``.
 
 Non-finite gradients follow torch: a NaN anywhere makes the global norm NaN and,
 through the coefficient, every clipped gradient NaN; an Inf makes the

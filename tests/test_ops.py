@@ -24,12 +24,12 @@ CLIP_OPS = {
     "ClipByNorm": 8,
     "ClipByGlobalNorm": 6,
     "ClipByGlobalNorm(norm_type=1)": 9,
-    "AutoClip (exact phase)": 16,
-    "AutoClip (histogram phase)": 26,  # over the target: two-level histogram update + two binary searches
-    "AutoClip(window=100)": 16,
+    "AutoClip (exact phase)": 15,
+    "AutoClip (histogram phase)": 25,  # over the target: two-level histogram update + two binary searches
+    "AutoClip(window=100)": 15,
     "ZClip": 23,  # over the target: z-score, bound, table-driven update, coefficient (~20 dependent steps)
     "AGC": 18,  # one buffer and one segment_reduce for all units, whatever the shapes
-    "Chain(ClipByGlobalNorm, AutoClip)": 25,  # the sum of its two clippers
+    "Chain(ClipByGlobalNorm, AutoClip)": 24,  # the sum of its two clippers
 }
 #: operations a watch with the clipper or detector adds to the plain step, today's counts
 ADDED_OPS = {

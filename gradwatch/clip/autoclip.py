@@ -108,13 +108,12 @@ class _Sketch:
         torch.gt(self.fine_uppers.index_select(0, j), norm, out=self._mask_cols)
         self.fine.index_add_(0, j, self._mask)
 
-    def ranks(self, v: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-        """The representatives of the values of 0-based ranks ``floor(v)`` and ``floor(v) + 1``."""
-        r = v + offsets
+    def ranks(self, r: Tensor) -> Tensor:
+        """The representatives of the values of the 0-based ranks ``floor(r)`` (``r``: 1-D float64)."""
         j = torch.searchsorted(self.inclusive, r, right=True)  # the blocks holding the ranks
         within = r - torch.take(self.blocks, j)  # rank inside the block
         i = torch.searchsorted(self.fine.index_select(0, j), within.unsqueeze(1), right=True)
-        return torch.take(self.table, torch.add(i.view(-1), j, alpha=self.F + 1)).unbind()
+        return torch.take(self.table, torch.add(i.view(-1), j, alpha=self.F + 1))
 
 
 class AutoClip(GlobalClipper):
@@ -196,8 +195,8 @@ class AutoClip(GlobalClipper):
         self._key = key
         f64 = {"dtype": torch.float64, "device": like.device}
         q = self.percentile / 100.0
-        self._negq = torch.tensor(-q, **f64)
-        self._offs = torch.tensor([0.0, 1.0], **f64)
+        self._negq = torch.tensor([-q, 1.0 - q], **f64)  # ranks (n - 1) q and (n - 1) q + 1, given n
+        self._ends = torch.tensor([1.0, 0.0], **f64), torch.tensor([0.0, 1.0], **f64)
         self._sentinel = torch.finfo(dtype).max
         self._buf, self._slots, self._sketch = None, (), None
         if state is not None and "counts" in state:
@@ -256,18 +255,19 @@ class AutoClip(GlobalClipper):
 
     def _percentile(self) -> Tensor:
         """numpy's linear percentile over the history (or the histogram): no host sync."""
+        q = self.percentile / 100.0
         if self._sketch is not None:
-            v = torch.add(self._negq, self._sketch.finite, alpha=self.percentile / 100.0)  # (n - 1) q, float64
-            a, b = self._sketch.ranks(v, self._offs)  # ranks floor(v) and floor(v) + 1
+            r = torch.add(self._negq, self._sketch.finite, alpha=q)  # [v, v + 1], v = (n - 1) q, float64
+            ab = self._sketch.ranks(r)
         else:
             assert self._buf is not None
             srt = torch.sort(self._buf).values  # non-finite (the sentinel) and unused slots sort last
-            n = torch.searchsorted(srt, self._sentinel)  # finite values
-            v = torch.add(self._negq, n, alpha=self.percentile / 100.0)
+            r = torch.add(self._negq, torch.searchsorted(srt, self._sentinel), alpha=q)  # n: the finite values
             # ranks floor(v) and floor(v) + 1; the latter may be the sentinel, weighted by 0 then
-            a, b = torch.take(srt, (v + self._offs).long()).unbind()
-        gamma = torch.frac(v)
-        return torch.lerp(a, b, gamma if gamma.dtype == a.dtype else gamma.to(a.dtype))
+            ab = torch.take(srt, r.long())
+        # numpy's linear interpolation a + frac(v) (b - a) as the dot product of [a, b] with [1 - frac(v), frac(v)]
+        weights = torch.lerp(*self._ends, torch.frac(r))
+        return torch.dot(ab, weights if weights.dtype == ab.dtype else weights.to(ab.dtype))
 
     def threshold(self) -> Tensor:
         """The current percentile of the history (``inf`` before any finite norm).

@@ -27,6 +27,9 @@ from gradwatch.distributed import is_dtensor, local_tensor, row_norms
 
 __all__ = ["AGC"]
 
+#: devices with the one-buffer path's kernels (``_chunk_cat``, ``segment_reduce``); others use the per-shape path
+_FLAT = ("cpu", "cuda")
+
 
 @dataclass
 class _Piece:
@@ -153,7 +156,7 @@ class AGC(Clipper):
                 raise ValueError(f"AGC: gradient of {ctx.names[i]!r} has shape {tuple(g.shape)}, not {tuple(p.shape)}")
             if g.numel() >= self.batch_numel and g.ndim > 1:
                 big.append(i)
-            elif g.ndim >= 1 and g.dtype == p.dtype and g.dtype.is_floating_point:
+            elif g.ndim >= 1 and g.dtype == p.dtype and g.dtype.is_floating_point and g.device.type in _FLAT:
                 flat.setdefault((g.device, g.dtype), []).append(i)
             elif g.ndim <= 1:
                 vec.setdefault((g.device, g.dtype, p.dtype), []).append(i)

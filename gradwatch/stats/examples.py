@@ -485,52 +485,70 @@ class PerExampleNorms(Contributor):
 
     def _parts(self, use: _Use, g: Tensor) -> list[tuple[int, Any]]:
         """Each watched parameter of one call with its per-example gradient in factored form."""
-        m, kind = use.module, use.kind
         dt = torch.promote_types(use.x.dtype if use.x.is_floating_point() else g.dtype, g.dtype)
-        dt = torch.promote_types(dt, torch.float32)
-        B = use.batch
-        out: list[tuple[int, Any]] = []
-        if kind in ("linear", "hf_conv1d"):
-            a = _to_front(use.x, self.batch_dim).reshape(B, 1, -1, use.x.shape[-1]).to(dt)
-            gg = _to_front(g, self.batch_dim).reshape(B, 1, -1, g.shape[-1]).to(dt)
-            for name, i in use.entries:
-                w = m._parameters[name]
-                if name == "bias":
-                    out.append((i, _Dense(gg.sum((1, 2)))))
-                elif kind == "linear":
-                    out.append((i, _Outer(gg, a, w.shape)))
-                else:
-                    out.append((i, _Outer(a, gg, w.shape)))
-        elif kind == "embedding":
-            idx = _to_front(use.x, self.batch_dim).reshape(B, -1)
-            gg = _to_front(g, self.batch_dim).reshape(B, idx.shape[1], -1).to(dt)
-            if m.padding_idx is not None:
-                gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(dt)
-            for name, i in use.entries:
-                out.append((i, _Index(idx, gg, m._parameters[name].shape)))
-        elif kind == "norm":
-            shape = tuple(m.normalized_shape)
-            x = _to_front(use.x, self.batch_dim).to(dt)
-            if isinstance(m, nn.LayerNorm):
-                xhat = F.layer_norm(x, shape, None, None, m.eps)
-            else:
-                xhat = F.rms_norm(x, list(shape), None, m.eps)
-            gg = _to_front(g, self.batch_dim).to(dt).reshape(B, -1, *shape)
-            xhat = xhat.reshape(B, -1, *shape)
-            for name, i in use.entries:
-                d = gg.sum(1) if name == "bias" else (gg * xhat).sum(1)
-                out.append((i, _Dense(d)))
-        else:  # conv
-            cols = _conv_cols(m, use.x.to(dt))  # [B, C_in * k, T]
-            G = m.groups
-            T = cols.shape[-1]
-            gg = g.to(dt).reshape(B, m.out_channels, T)
-            for name, i in use.entries:
-                w = m._parameters[name]
-                if name == "bias":
-                    out.append((i, _Dense(gg.sum(-1))))
-                else:
-                    L = gg.reshape(B, G, -1, T).mT
-                    R = cols.reshape(B, G, -1, T).mT
-                    out.append((i, _Outer(L, R, w.shape)))
-        return out
+        dt = torch.promote_types(dt, torch.float32)  # half inputs and gradients are read in float32
+        return _PARTS[use.kind](use, g, self.batch_dim, dt)
+
+
+def _linear_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
+    """``nn.Linear`` (``W a``: ``G = g a^T``) and transformers ``Conv1D`` (``a W``: ``G = a g^T``)."""
+    B, m = use.batch, use.module
+    a = _to_front(use.x, bd).reshape(B, 1, -1, use.x.shape[-1]).to(dt)
+    gg = _to_front(g, bd).reshape(B, 1, -1, g.shape[-1]).to(dt)
+    out: list[tuple[int, Any]] = []
+    for name, i in use.entries:
+        if name == "bias":
+            out.append((i, _Dense(gg.sum((1, 2)))))
+        else:
+            shape = m._parameters[name].shape
+            out.append((i, _Outer(gg, a, shape) if use.kind == "linear" else _Outer(a, gg, shape)))
+    return out
+
+
+def _embedding_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
+    """``nn.Embedding``: the looked-up rows receive the output's gradient (nothing at ``padding_idx``)."""
+    B, m = use.batch, use.module
+    idx = _to_front(use.x, bd).reshape(B, -1)
+    gg = _to_front(g, bd).reshape(B, idx.shape[1], -1).to(dt)
+    if m.padding_idx is not None:
+        gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(dt)
+    return [(i, _Index(idx, gg, m._parameters[name].shape)) for name, i in use.entries]
+
+
+def _norm_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
+    """``nn.LayerNorm`` / ``nn.RMSNorm``: weight ``sum_t g_t * xhat_t``, bias ``sum_t g_t`` (``xhat`` recomputed)."""
+    B, m = use.batch, use.module
+    shape = tuple(m.normalized_shape)
+    x = _to_front(use.x, bd).to(dt)
+    if isinstance(m, nn.LayerNorm):
+        xhat = F.layer_norm(x, shape, None, None, m.eps)
+    else:
+        xhat = F.rms_norm(x, list(shape), None, m.eps)
+    gg = _to_front(g, bd).to(dt).reshape(B, -1, *shape)
+    xhat = xhat.reshape(B, -1, *shape)
+    return [(i, _Dense(gg.sum(1) if name == "bias" else (gg * xhat).sum(1))) for name, i in use.entries]
+
+
+def _conv_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
+    """``nn.Conv1d/2d``: per group, ``G = g cols^T`` over the output positions (``cols``: the unfolded input)."""
+    B, m = use.batch, use.module
+    cols = _conv_cols(m, use.x.to(dt))  # [B, C_in * prod(kernel), T]
+    G, T = m.groups, cols.shape[-1]
+    gg = g.to(dt).reshape(B, m.out_channels, T)
+    out: list[tuple[int, Any]] = []
+    for name, i in use.entries:
+        if name == "bias":
+            out.append((i, _Dense(gg.sum(-1))))
+        else:
+            L, R = gg.reshape(B, G, -1, T).mT, cols.reshape(B, G, -1, T).mT
+            out.append((i, _Outer(L, R, m._parameters[name].shape)))
+    return out
+
+
+_PARTS = {
+    "linear": _linear_parts,
+    "hf_conv1d": _linear_parts,
+    "embedding": _embedding_parts,
+    "norm": _norm_parts,
+    "conv": _conv_parts,
+}

@@ -193,7 +193,8 @@ class OptimizerGate:
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The attached optimizers that are still alive."""
-        return [o for ref, _, _ in self._optimizers.values() if (o := ref()) is not None]
+        alive = (ref() for ref, _, _ in self._optimizers.values())  # no walrus: torch.compile traces this
+        return [o for o in alive if o is not None]
 
     def detach_all(self) -> None:
         """Remove every hook (and wrapped ``step``) and undo a pending skip."""

@@ -241,6 +241,7 @@ class GradWatch:
         self._check_open("step")
         return self._run_step()
 
+    @torch.compiler.disable  # host bookkeeping changes every step: traced, it would recompile every step
     @torch.no_grad()  # create_graph=True gradients: measure and clip outside the graph, as clip_grad_norm_ does
     def _run_step(self) -> Tensor | None:
         """The phases: measure -> contributors (clip, detect, statistics) -> record -> react; the skip flag."""

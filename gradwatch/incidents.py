@@ -79,6 +79,10 @@ def top_examples(history: History, k: int = 5) -> list[ExampleNorm]:
     Returns:
         The :class:`ExampleNorm` list (empty without ``PerExampleNorms``).
 
+    Raises:
+        TypeError: ``k`` is not an integer.
+        ValueError: ``k`` < 1.
+
     Example:
         >>> import numpy as np
         >>> from gradwatch import History

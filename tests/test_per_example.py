@@ -435,3 +435,16 @@ def test_incident_names_the_planted_example(tmp_path, capsys):
     assert main(["incidents", str(tmp_path / "run.npz"), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "top examples: step 6 #5 (micro-batch 1)" in out
+
+
+def test_a_recorded_step_without_a_covered_backward_is_nan():
+    net = mlp()
+    watch = gw.GradWatch(net, stats=[gw.PerExampleNorms()])
+    with torch.no_grad():
+        net(torch.randn(2, 6))  # no gradient: nothing to measure
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    watch.step()
+    watch.close()
+    h = watch.history
+    assert np.isnan(h.stats["example.norm"]).all() and np.isnan(h.stats["example.covered"]).all()

@@ -324,8 +324,8 @@ class PerExampleNorms(Contributor):
         cov = self._mask(self._sealed_seen)
         total2 = view.total.to(self._acc).square()
         covered = (view.norms.to(self._acc).square() * cov).sum() / total2
-        if not passes:
-            return {"norm": self._nan, "micro": self._nan, "covered": covered}
+        if not passes:  # no covered call was backpropagated at this step: nothing measured
+            return {"norm": self._nan, "micro": self._nan, "covered": self._nan[0]}
         sizes = tuple(b for _, b in passes)
         sq = torch.cat([s for s, _ in passes]) if len(passes) > 1 else passes[0][0]
         n = sq.shape[0]

@@ -174,7 +174,7 @@ def clipper_ops(model_name: str, clipper_name: str) -> tuple[int, int]:
     names, params = zip(*model.named_parameters())
     saved = [p.grad.clone() for p in params]
     clip = CLIPPERS[clipper_name]()
-    clip.bind(list(names), list(params))
+    clip.bind(gw.Binding.of(list(names), list(params)))
     counted = None
     for step in range(WARMUP + 1):
         for p, g in zip(params, saved):

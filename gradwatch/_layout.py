@@ -24,6 +24,9 @@ from gradwatch.contrib import Contributor
 from gradwatch.detect import Event, Record
 from gradwatch.history import History
 
+#: the key of a row's views that holds the part :meth:`RecordLayout.write` fills
+_VALUES = "*values"
+
 
 class RecordLayout:
     """Named columns of a ``[rows, width]`` device buffer.
@@ -45,8 +48,10 @@ class RecordLayout:
 
     def __init__(self) -> None:
         self._slices: dict[str, tuple[int, int, bool]] = {}
-        self._plans: dict[str, list[str]] = {}  # columns written by write(first=...), in row order
+        self._plans: dict[str, list[str]] = {}  # columns written by write(), in row order
         self.width = 0
+        #: the first column written by value (:meth:`write`); the columns before it are written in place
+        self.values_from: str | None = None
 
     def declare(self, name: str, width: int, *, scalar: bool = False) -> None:
         """Reserve ``width`` slots for ``name`` at the end of the row.
@@ -70,21 +75,27 @@ class RecordLayout:
         return [k for k in self._slices if k.startswith(prefix)]
 
     def views(self, row: Tensor) -> dict[str, Tensor]:
-        """Named views of one buffer row (writing them writes the row)."""
-        return {k: row[a] if scalar else row[a:b] for k, (a, b, scalar) in self._slices.items()}
+        """Named views of one buffer row (writing them writes the row), and the part :meth:`write` fills."""
+        views = {k: row[a] if scalar else row[a:b] for k, (a, b, scalar) in self._slices.items()}
+        if self.values_from is not None:
+            views[_VALUES] = row[self._slices[self.values_from][0] :]
+        return views
 
-    def write(self, row: Tensor, values: Mapping[str, Tensor], first: str) -> None:
-        """Write ``values`` into ``row`` in one op: the columns from ``first`` to the row's end.
+    def write(self, views: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+        """Write ``values`` into a row in one op: the columns from :attr:`values_from` to the row's end.
 
-        ``values`` must hold every column declared from ``first`` on (the
-        contributors that write by value are declared last, contiguously).
+        ``views`` are the row's :meth:`views` (they hold that part of the row,
+        made once per row); ``values`` must hold every column declared from
+        :attr:`values_from` on (the contributors that write by value are
+        declared last, contiguously).
         """
-        start = self._slices[first][0]
+        first = self.values_from
+        if first is None:
+            return
         names = self._plans.get(first)
         if names is None:
+            start = self._slices[first][0]
             names = self._plans[first] = [k for k, (a, _, _) in self._slices.items() if a >= start]
-        if not names:
-            return
         missing = [k for k in names if k not in values]
         if missing:
             raise KeyError(f"no value for declared columns {missing}")
@@ -101,10 +112,11 @@ class RecordLayout:
             parts.append(v if v.ndim == 1 else v.reshape(-1))
         if scalars:
             parts.append(torch.stack(scalars))
+        tail = views[_VALUES]
         if len(parts) == 1:
-            row[start:].copy_(parts[0])
+            tail.copy_(parts[0])
         else:
-            torch.cat(parts, out=row[start:])
+            torch.cat(parts, out=tail)
 
     def split(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Split host rows ``[n, width]`` into named columns (views, no copies)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from gradwatch._compat import module_parameter
@@ -78,6 +80,50 @@ def clean_name(name: str) -> str:
         'encoder.0.weight'
     """
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def stat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype in which gradwatch records the norms of tensors of ``dtypes``.
+
+    float64 if any tensor is float64 (or complex128), otherwise float32:
+    half-precision norms are accumulated and kept in float32.
+
+    Example:
+        >>> stat_dtype([torch.bfloat16, torch.float32])
+        torch.float32
+    """
+    return torch.float64 if any(d in (torch.float64, torch.complex128) for d in dtypes) else torch.float32
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What every contributor is bound to, once, when the watch is built.
+
+    Attributes:
+        names: the watched parameters' names, in model order (``P`` of them).
+        params: the watched parameters, in the same order.
+        device: where the row lives (the first parameter's device).
+        dtype: the dtype of the row (float32 for half-precision models).
+        amp: whether a ``GradScaler`` unscales the gradients (non-finite steps are overflows).
+    """
+
+    names: list[str]
+    params: list[Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    amp: bool = False
+
+    @classmethod
+    def of(cls, names: Sequence[str], params: Sequence[Tensor], amp: bool = False) -> Binding:
+        """The binding of ``params`` (device: the first one's, CPU if none; dtype: float64 if any
+        parameter is float64 or complex128, else float32 -- half precision is recorded in float32).
+
+        Example:
+            >>> Binding.of(["w"], [torch.zeros(2, dtype=torch.bfloat16)]).dtype
+            torch.float32
+        """
+        device = params[0].device if params else torch.device("cpu")
+        return cls(list(names), list(params), device, stat_dtype([p.dtype for p in params]), amp)
 
 
 class ParamGuard:

@@ -36,7 +36,7 @@ class ClipColumns(Contributor):
 
     def bind(self, binding: Binding) -> None:
         super().bind(binding)
-        self.clipper.bind(binding.names, binding.params)
+        self.clipper.bind(binding)
 
     def columns(self) -> Mapping[str, int]:
         return {"total": SCALAR, "coef": SCALAR, "threshold": SCALAR, "norms": len(self.binding.params)}
@@ -111,7 +111,7 @@ class DetectorColumns(Contributor):
 
     def bind(self, binding: Binding) -> None:
         super().bind(binding)
-        self.detector.bind(binding.names, amp=binding.amp)
+        self.detector.bind(binding)
 
     def columns(self) -> Mapping[str, int]:
         return self.detector.columns()
@@ -224,7 +224,7 @@ class RowPlan:
         self.stats = [c for c in parts if not isinstance(c, _BUILTIN)]
         self.every_step = bool(self._always)
         self.uses_order = any(c.uses_order for c in parts)
-        self._first = next((k for k in self.layout.names() if k not in ("norms", "total")), "")
+        self.layout.values_from = next((k for k in self.layout.names() if k not in ("norms", "total")), None)
 
     def observe(self, view: StepView, *, recorded: bool) -> dict[str, Tensor]:
         """Each contributor's device values for the step (only the every-step ones when not ``recorded``)."""
@@ -237,10 +237,9 @@ class RowPlan:
                 values[key] = v
         return values
 
-    def write(self, row: Tensor, values: dict[str, Tensor]) -> None:
-        """Every contributor's values into its declared columns of ``row``, in one op."""
-        if self._first:
-            self.layout.write(row, values, first=self._first)
+    def write(self, views: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+        """Every contributor's values into its declared columns of a row (its views), in one op."""
+        self.layout.write(views, values)
 
     def flags(self, action: str) -> list[Tensor]:
         """The on-device "fired" flags of this step's detectors whose action is ``action``."""

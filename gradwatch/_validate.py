@@ -7,9 +7,10 @@ and what is allowed, so every class rejects the same inputs the same way.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -154,6 +155,36 @@ def check_callable_or_choice(value: Any, name: str, choices: Iterable[str]) -> s
     if isinstance(value, str) and value in choices:
         return value
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} or a callable, got {value!r}")
+
+
+def check_positive(value: Any, name: str) -> float:
+    """A real number > 0, else ``TypeError``/``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_positive(0.5, "eps")
+        0.5
+    """
+    return check_float(value, name, min=0, min_open=True)
+
+
+def match_names(patterns: Iterable[str], names: Sequence[str], name: str, hint: str = "") -> list[int]:
+    """The indices of ``names`` matched by any of the glob ``patterns`` (``fnmatch``, case-sensitive), sorted.
+
+    Raises:
+        ValueError: a pattern matches no name (the message shows the first names and ``hint``).
+
+    Example:
+        >>> match_names(["*.bias"], ["fc.weight", "fc.bias"], "exclude")
+        [1]
+    """
+    idx: set[int] = set()
+    for pattern in patterns:
+        hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            shown = f"{list(names)[:8]}{' ...' if len(names) > 8 else ''}"
+            raise ValueError(f"{name} entry {pattern!r} matches no parameter name; names are {shown}{hint}")
+        idx.update(hits)
+    return sorted(idx)
 
 
 def check_list_of(value: Any, name: str, cls: type | tuple[type, ...], what: str) -> list:

@@ -61,31 +61,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch._params import Binding
 from gradwatch.detect import Event, Record
 
 __all__ = ["SCALAR", "Binding", "Contributor", "StepView"]
 
 #: the width of a column holding one 0-d value per step (``[S]`` on the host; any other width ``w`` is ``[S, w]``)
 SCALAR = 0
-
-
-@dataclass(frozen=True)
-class Binding:
-    """What every contributor is bound to, once, when the watch is built.
-
-    Attributes:
-        names: the watched parameters' names, in model order (``P`` of them).
-        params: the watched parameters, in the same order.
-        device: where the row lives (the first parameter's device).
-        dtype: the dtype of the row (float32 for half-precision models).
-        amp: whether a ``GradScaler`` unscales the gradients (non-finite steps are overflows).
-    """
-
-    names: list[str]
-    params: list[Tensor]
-    device: torch.device
-    dtype: torch.dtype
-    amp: bool = False
 
 
 @dataclass

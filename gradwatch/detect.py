@@ -22,7 +22,6 @@ cost no host sync, which is why their reactions wait for the flush
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import sys
 import warnings
@@ -34,7 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradwatch._validate import check_bool, check_callable_or_choice, check_float, check_int, check_names
+from gradwatch._params import Binding
+from gradwatch._validate import (
+    check_bool,
+    check_callable_or_choice,
+    check_float,
+    check_int,
+    check_names,
+    check_positive,
+    match_names,
+)
 
 __all__ = [
     "Detector",
@@ -96,20 +104,6 @@ class GradientAnomalyError(RuntimeError):
 
 class GradientWarning(UserWarning):
     """The warning category of ``action="warn"`` (filter it with :mod:`warnings`)."""
-
-
-def _positive(value: float, argname: str) -> float:
-    return check_float(value, argname, min=0, min_open=True)
-
-
-def _resolve(patterns: Sequence[str], names: Sequence[str], argname: str) -> list[int]:
-    idx: set[int] = set()
-    for pat in patterns:
-        hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            raise ValueError(f"{argname} entry {pat!r} matches no parameter; names are {list(names)[:8]}")
-        idx.update(hits)
-    return sorted(idx)
 
 
 @dataclass
@@ -179,10 +173,14 @@ class Detector:
         """Whether the step must know at once if this detector fired."""
         return self.action in ("raise", "skip")
 
-    def bind(self, names: Sequence[str], *, amp: bool = False) -> None:
-        """Called once with the watched parameter names (and whether a GradScaler is used)."""
-        self.names = list(names)
-        self.amp = amp
+    def bind(self, binding: Binding) -> None:
+        """Called once by the watch: the watched parameters' names, and whether a GradScaler is used.
+
+        Args:
+            binding: the :class:`~gradwatch.Binding` every contributor gets.
+        """
+        self.names = list(binding.names)
+        self.amp = binding.amp
 
     def columns(self) -> dict[str, int]:
         """The values kept per step for :meth:`events`: ``{column: width}`` (after :meth:`bind`)."""
@@ -288,7 +286,7 @@ class Threshold(Detector):
 
     def __init__(self, max_norm: float, names: Sequence[str] | None = None, action: Action = "warn") -> None:
         super().__init__(action)
-        self.max_norm = _positive(max_norm, "max_norm")
+        self.max_norm = check_positive(max_norm, "max_norm")
         patterns = check_names(names, "names", allow_none=True)
         self.patterns = None if patterns is None else list(patterns)
         self._idx: list[int] = []
@@ -297,9 +295,9 @@ class Threshold(Detector):
     def __repr__(self) -> str:
         return f"Threshold(max_norm={self.max_norm!r}, names={self.patterns!r}, action={self.action!r})"
 
-    def bind(self, names: Sequence[str], *, amp: bool = False) -> None:
-        super().bind(names, amp=amp)
-        self._idx = [] if self.patterns is None else _resolve(self.patterns, names, "names")
+    def bind(self, binding: Binding) -> None:
+        super().bind(binding)
+        self._idx = [] if self.patterns is None else match_names(self.patterns, binding.names, "names")
         self._idx_t = None
 
     def observe(self, obs: Observation) -> tuple[dict[str, Tensor], Tensor | None]:
@@ -368,7 +366,7 @@ class Spike(Detector):
     ) -> None:
         super().__init__(action)
         self.alpha = check_float(alpha, "alpha", min=0, max=1, min_open=True, max_open=True)
-        self.z_thresh = _positive(z_thresh, "z_thresh")
+        self.z_thresh = check_positive(z_thresh, "z_thresh")
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", min=1)
         self.per_param = check_bool(per_param, "per_param")
         self.eps = check_float(eps, "eps", min=0)
@@ -517,7 +515,7 @@ class Vanishing(Detector):
 
     def __init__(self, min_norm: float = 1e-6, patience: int = 10, action: Action = "warn") -> None:
         super().__init__(action)
-        self.min_norm = _positive(min_norm, "min_norm")
+        self.min_norm = check_positive(min_norm, "min_norm")
         self.patience = check_int(patience, "patience", min=1)
         self.reset()
 

@@ -55,6 +55,7 @@ __all__ = [
     "DistributedMeter",
     "NormReducer",
     "check_process_group",
+    "combine_norms",
     "count_collectives",
     "full_norms",
     "get_rank",
@@ -67,7 +68,6 @@ __all__ = [
     "needs_reduction",
     "rank_path",
     "row_norms",
-    "total_norm",
     "unwrap_ddp",
 ]
 
@@ -508,8 +508,10 @@ def full_norms(
     return NormReducer(names, norm_type=norm_type, process_group=process_group).norms(grads)
 
 
-def total_norm(norms: Tensor, norm_type: float = 2.0, *, process_group: Any = None) -> Tensor:
+def combine_norms(norms: Tensor, norm_type: float = 2.0, *, process_group: Any = None) -> Tensor:
     """The global norm ``‖norms‖_p`` of per-parameter full norms, combined over ``process_group`` if given.
+
+    (:func:`gradwatch.norms.total_norm` takes the tensors themselves; this takes their norms.)
 
     Args:
         norms: the ``[P]`` output of :func:`full_norms`.
@@ -521,7 +523,7 @@ def total_norm(norms: Tensor, norm_type: float = 2.0, *, process_group: Any = No
         A 0-d tensor.
 
     Example:
-        >>> total_norm(torch.tensor([3.0, 4.0]))
+        >>> combine_norms(torch.tensor([3.0, 4.0]))
         tensor(5.)
     """
     return NormReducer(norm_type=norm_type, process_group=process_group).total(norms)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._compat import foreach_copy_, foreach_norm, foreach_sub_, is_dtensor, reduced_after_hooks
+from gradwatch._params import stat_dtype
 from gradwatch._validate import check_float
 from gradwatch.contrib import Binding, Contributor, StepView
 
@@ -85,19 +86,6 @@ def group_by_device_dtype(tensors: Sequence[Tensor | None]) -> Groups:
         ts.append(t)
         pos.append(i)
     return groups
-
-
-def stat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The dtype in which gradwatch records the norms of tensors of ``dtypes``.
-
-    float64 if any tensor is float64 (or complex128), otherwise float32:
-    half-precision norms are accumulated and kept in float32.
-
-    Example:
-        >>> stat_dtype([torch.bfloat16, torch.float32])
-        torch.float32
-    """
-    return torch.float64 if any(d in (torch.float64, torch.complex128) for d in dtypes) else torch.float32
 
 
 def check_norm_type(norm_type: float) -> float:
@@ -213,6 +201,8 @@ def grad_norms(
 
 def total_norm(tensors: Sequence[Tensor | None], norm_type: float = 2.0) -> Tensor:
     """The norm of all tensors together, bit-identical to ``torch.nn.utils.get_total_norm``.
+
+    (:func:`gradwatch.distributed.combine_norms` takes per-parameter norms instead.)
 
     Args:
         tensors: the tensors; ``None`` entries are skipped.

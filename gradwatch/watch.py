@@ -300,7 +300,7 @@ class GradWatch:
 
     def _record(self, row: Row, view: StepView, values: dict[str, Tensor]) -> None:
         """Phase 4: every contributor's values into its declared columns (one op); the row's host-known meta."""
-        self._plan.write(row.tensor, values)
+        self._plan.write(row.cols, values)
         self._live = (self._store.generation, view.step)
         self._store.rows.meta.append(RowMeta(view.step, view.missing, list(self._meter.order), self._taps.take()))
 

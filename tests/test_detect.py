@@ -292,7 +292,7 @@ def test_spike_statistics_match_a_scalar_reference():
     values[3] = math.nan  # not an observation
     values[30] = 50.0  # a spike: capped before it enters the EMA
     spike = gw.Spike(alpha=0.9, z_thresh=3.0, warmup_steps=8, action="ignore")
-    spike.bind(["w"])
+    spike.bind(gw.Binding.of(["w"], [torch.zeros(1)]))
     got = []
     for v in values:
         t = torch.tensor(v, dtype=torch.float64)

@@ -42,6 +42,7 @@ from gradwatch.distributed import (
     DistributedMeter,
     NormReducer,
     check_process_group,
+    combine_norms,
     count_collectives,
     full_norms,
     get_rank,
@@ -50,7 +51,6 @@ from gradwatch.distributed import (
     local_tensor,
     rank_path,
     row_norms,
-    total_norm,
     unwrap_ddp,
 )
 from gradwatch.syncs import count_host_syncs
@@ -170,7 +170,7 @@ def s_pipeline(rank: int, world: int):
         with count_collectives() as c:
             out[p] = reducer.total(norms)
         out[("counts", p)] = dict(c.counts)
-    out["mesh_group"] = total_norm(full_norms([grads[n] for n in mine]), process_group=mesh((world,)))
+    out["mesh_group"] = combine_norms(full_norms([grads[n] for n in mine]), process_group=mesh((world,)))
     return out
 
 
@@ -186,7 +186,7 @@ def s_ddp(rank: int, world: int):
     names, grads = grads_of(unwrap_ddp(ddp))
     with count_collectives() as c:
         norms = full_norms(grads, names=names)
-        total = total_norm(norms)
+        total = combine_norms(norms)
     return {
         "names": names,
         "norms": norms,
@@ -259,7 +259,7 @@ def s_tp(rank: int, world: int):
     names, grads = grads_of(model)
     with count_collectives() as c:
         norms = full_norms(grads, names=names)
-        total = total_norm(norms)
+        total = combine_norms(norms)
     out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "placements": _placements(grads)}
     with count_collectives() as c:
         out["rows"] = row_norms(grads)
@@ -277,7 +277,7 @@ def s_hsdp(rank: int, world: int):
     names, grads = grads_of(model)
     with count_collectives() as c:
         norms = full_norms(grads, names=names)
-        total = total_norm(norms)
+        total = combine_norms(norms)
     # what reducing every rank's local sum over all ranks gives (the over-count the engine avoids)
     naive = torch.stack([local_tensor(g).square().sum() for g in grads])
     dist.all_reduce(naive)
@@ -298,7 +298,7 @@ def s_fsdp_tp(rank: int, world: int):
     names, grads = grads_of(model)
     with count_collectives() as c:
         norms = full_norms(grads, names=names)
-        total = total_norm(norms)
+        total = combine_norms(norms)
     meshes = {str(g.device_mesh) for g in grads if hasattr(g, "device_mesh")}
     out = {"names": names, "norms": norms, "total": total, "counts": dict(c.counts), "meshes": len(meshes)}
     with count_collectives() as c:
@@ -524,7 +524,7 @@ def test_plain_tensors_match_torch_without_collectives():
         ref = torch.stack([torch.linalg.vector_norm(t.double(), p) if t is not None else torch.tensor(0.0) for t in ts])
         assert got.dtype == torch.float64
         close(got, ref, rtol=1e-6)  # float32 tensors are reduced in float32
-        close(total_norm(got, p), torch.linalg.vector_norm(ref, p), rtol=1e-6)
+        close(combine_norms(got, p), torch.linalg.vector_norm(ref, p), rtol=1e-6)
         assert c.total == 0
 
 

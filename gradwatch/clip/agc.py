@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +11,8 @@ import torch
 from torch import Tensor
 
 from gradwatch._compat import flatten_cat, foreach_mul_, foreach_norm
-from gradwatch._validate import check_names
+from gradwatch._params import Binding
+from gradwatch._validate import check_names, check_positive, match_names
 from gradwatch.clip.base import (
     _EPS_TORCH,
     ClipContext,
@@ -20,7 +20,6 @@ from gradwatch.clip.base import (
     ClipResult,
     _accumulate,
     _measure_after,
-    _positive,
     _reject,
 )
 from gradwatch.distributed import is_dtensor, local_tensor, row_norms
@@ -109,8 +108,8 @@ class AGC(Clipper):
     batch_numel: int = 1 << 16
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Iterable[str] | str = ()) -> None:
-        self.clipping = _positive(clipping, "clipping")
-        self.eps = _positive(eps, "eps")
+        self.clipping = check_positive(clipping, "clipping")
+        self.eps = check_positive(eps, "eps")
         self.exclude = check_names(exclude, "exclude")
         self._mask: list[bool] | None = None
         self._plans: dict[tuple, list[_Piece]] = {}
@@ -118,20 +117,11 @@ class AGC(Clipper):
     def _repr_args(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps, "exclude": self.exclude}
 
-    def bind(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+    def bind(self, binding: Binding) -> None:
         """Resolve ``exclude`` against the parameter names."""
-        excluded = [False] * len(names)
-        for pattern in self.exclude:
-            hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise ValueError(
-                    f"exclude entry {pattern!r} matches no parameter name; names are "
-                    f"{list(names)[:8]}{' ...' if len(names) > 8 else ''} (pass an nn.Module "
-                    "or (name, parameter) pairs so AGC can see the names)"
-                )
-            for i in hits:
-                excluded[i] = True
-        self._mask = excluded
+        hint = " (pass an nn.Module or (name, parameter) pairs so AGC can see the names)"
+        hits = set(match_names(self.exclude, binding.names, "exclude", hint))
+        self._mask = [i in hits for i in range(len(binding.names))]
         self._plans = {}
 
     def _plan(self, ctx: ClipContext) -> list[_Piece]:
@@ -254,7 +244,7 @@ class AGC(Clipper):
     def clip_(self, ctx: ClipContext) -> ClipResult:
         """Clip every unit; batched over parameters."""
         if self._mask is None or len(self._mask) != len(ctx.params):
-            self.bind(ctx.names, ctx.params)
+            self.bind(Binding.of(ctx.names, ctx.params))
         total = ctx.total  # before the gradients change
         if any(g is not None and is_dtensor(g) for g in ctx.grads):
             return self._clip_sharded(ctx, total)

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._compat import foreach_mul, foreach_mul_, foreach_norm
-from gradwatch._params import named_trainable
-from gradwatch._validate import check_float
+from gradwatch._params import Binding, named_trainable
 from gradwatch.distributed import full_norms, is_dtensor, local_tensor
 from gradwatch.norms import grad_norms, group_by_device_dtype, stat_dtype, total_norm
 
@@ -221,10 +220,6 @@ class ClipResult:
     norm: Tensor
 
 
-def _positive(value: Any, argname: str) -> float:
-    return check_float(value, argname, min=0, min_open=True)
-
-
 def _measure_after(ctx: ClipContext) -> Tensor:
     """The L2 norms of the (clipped) gradients, in one fused pass when possible."""
     like = ctx.norms
@@ -265,8 +260,13 @@ class Clipper(ABC):
     implement only :meth:`GlobalClipper.decide`.
     """
 
-    def bind(self, names: Sequence[str], params: Sequence[Tensor]) -> None:  # noqa: B027 - optional hook
-        """Called once with the parameters the clipper will see (names validated here)."""
+    def bind(self, binding: Binding) -> None:  # noqa: B027 - optional hook
+        """Called once with the parameters the clipper will see (names validated here).
+
+        Args:
+            binding: the :class:`~gradwatch.Binding` every contributor of a watch gets
+                (the clipper alone binds to what it is called with).
+        """
 
     @abstractmethod
     def clip_(self, ctx: ClipContext) -> ClipResult:
@@ -285,7 +285,7 @@ class Clipper(ABC):
         names, params = named_trainable(parameters, "parameters")
         if not params and isinstance(parameters, Tensor):
             names, params = ["0"], [parameters]
-        self.bind(names, params)
+        self.bind(Binding.of(names, params))
         ctx = ClipContext(params, names)
         if all(g is None for g in ctx.grads):
             return torch.tensor(0.0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradwatch._params import Binding
 from gradwatch.clip.base import ClipContext, Clipper, ClipResult
 
 __all__ = ["Chain"]
@@ -49,10 +49,10 @@ class Chain(Clipper):
     def __repr__(self) -> str:
         return f"Chain({', '.join(map(repr, self.clippers))})"
 
-    def bind(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+    def bind(self, binding: Binding) -> None:
         """Bind every clipper of the chain."""
         for c in self.clippers:
-            c.bind(names, params)
+            c.bind(binding)
 
     @torch.no_grad()
     def clip_(self, ctx: ClipContext) -> ClipResult:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._compat import foreach_clamp_, foreach_mul_
-from gradwatch._validate import check_float
+from gradwatch._validate import check_float, check_positive
 from gradwatch.clip.base import (
     _EPS_TORCH,
     ClipContext,
@@ -17,7 +17,6 @@ from gradwatch.clip.base import (
     ClipResult,
     GlobalClipper,
     _measure_after,
-    _positive,
     _reject,
 )
 from gradwatch.norms import check_norm_type
@@ -49,7 +48,7 @@ class ClipByValue(Clipper):
     """
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = _positive(clip_value, "clip_value")
+        self.clip_value = check_positive(clip_value, "clip_value")
 
     def _repr_args(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value}
@@ -94,7 +93,7 @@ class ClipByNorm(Clipper):
     """
 
     def __init__(self, clip_norm: float) -> None:
-        self.clip_norm = _positive(clip_norm, "clip_norm")
+        self.clip_norm = check_positive(clip_norm, "clip_norm")
         self._index: dict[tuple, Tensor] = {}
 
     def _repr_args(self) -> dict[str, Any]:
@@ -151,7 +150,7 @@ class ClipByGlobalNorm(GlobalClipper):
     """
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        self.max_norm = _positive(max_norm, "max_norm")
+        self.max_norm = check_positive(max_norm, "max_norm")
         check_float(norm_type, "norm_type", min=0, min_open=True, allow_inf=True)
         self.norm_type = check_norm_type(norm_type)
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch._validate import check_float, check_int
-from gradwatch.clip.base import _EPS_TORCH, GlobalClipper, _positive
+from gradwatch._validate import check_float, check_int, check_positive
+from gradwatch.clip.base import _EPS_TORCH, GlobalClipper
 
 __all__ = ["ZClip"]
 
@@ -75,9 +75,9 @@ class ZClip(GlobalClipper):
         eps: float = 1e-6,
     ) -> None:
         self.alpha = check_float(alpha, "alpha", min=0, max=1, min_open=True, max_open=True)
-        self.z_thresh = _positive(z_thresh, "z_thresh")
+        self.z_thresh = check_positive(z_thresh, "z_thresh")
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", min=1)
-        self.max_norm = None if max_norm is None else _positive(max_norm, "max_norm")
+        self.max_norm = None if max_norm is None else check_positive(max_norm, "max_norm")
         self.eps = check_float(eps, "eps", min=0)
         self.reset()
 

@@ -1,4 +1,4 @@
-"""Turning what users pass into a list of named, trainable parameters."""
+"""The watched parameters: named and trainable, what they are bound to, what happened to them since."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +106,8 @@ class Binding:
         device: where the row lives (the first parameter's device).
         dtype: the dtype of the row (float32 for half-precision models).
         amp: whether a ``GradScaler`` unscales the gradients (non-finite steps are overflows).
+        scaler: that ``GradScaler`` (None without one): hooks that read gradients
+            during backward see them scaled by its ``get_scale()``.
     """
 
     names: list[str]
@@ -112,6 +115,7 @@ class Binding:
     device: torch.device
     dtype: torch.dtype
     amp: bool = False
+    scaler: Any = None
 
     @classmethod
     def of(cls, names: Sequence[str], params: Sequence[Tensor], amp: bool = False) -> Binding:

@@ -136,7 +136,7 @@ class GradWatch:
         self.measure = measure_mode(model, measure, scaler, distributed)
         self.device, self.dtype = self.params[0].device, stat_dtype([p.dtype for p in self.params])
         self._guard = ParamGuard(module, self.params)
-        binding = Binding(list(self.names), list(self.params), self.device, self.dtype, amp=scaler is not None)
+        binding = Binding(list(self.names), list(self.params), self.device, self.dtype, scaler is not None, scaler)
         self._plan = RowPlan(binding, assemble(self.param_norms, self.update_ratio, clipper, scaler, detectors, stats))
         if recorder is not None:
             recorder.bind(binding)
@@ -274,10 +274,10 @@ class GradWatch:
 
     def _set_hot(self, step: int) -> None:
         """Whether the backward of step ``step`` is measured: hooks skip their work otherwise."""
-        hot = step % self.every == 0 or self._plan.every_step or self._recorder is not None
-        self._meter.hot = hot
+        recorded = step % self.every == 0 or self._recorder is not None
+        self._meter.hot = recorded or self._plan.every_step  # a clipper reads the norms at every step
         for c in self.stats:
-            c.hot = hot
+            c.hot = recorded or c.every_step
 
     def _after_update(self, optimizer: torch.optim.Optimizer) -> None:
         """After an attached optimizer's step: the contributors that measure it, if their row is still buffered."""

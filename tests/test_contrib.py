@@ -86,7 +86,9 @@ def test_a_statistic_lands_in_history_stats_equal_to_a_numpy_reference():
     assert h.meta["stats"] == {"cos.prev": 0, "cos.parts": 2}
 
 
-def test_every_n_observes_only_recorded_steps_and_hot_says_which_backward_counts():
+@pytest.mark.parametrize("clipper", [None, gw.ClipByGlobalNorm(0.1)])
+def test_every_n_observes_only_recorded_steps_and_hot_says_which_backward_counts(clipper):
+    """A clipper runs every step; a statistic is still hot only before recorded steps."""
     model = torch.nn.Linear(4, 2)
     stat = GradCosine()
     seen = []
@@ -101,7 +103,7 @@ def test_every_n_observes_only_recorded_steps_and_hot_says_which_backward_counts
             return {"flag": torch.tensor(float(self.hot))}
 
     hot = Hot()
-    watch = gw.GradWatch(model, stats=[stat, hot], every=3)
+    watch = gw.GradWatch(model, stats=[stat, hot], every=3, clipper=clipper)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     watch.attach(opt)
     for _ in range(7):

@@ -230,15 +230,14 @@ class PerExampleNorms(Contributor):
         max_examples: the most examples stored per step (the device row holds
             this many); a step with more keeps the first ``max_examples`` and
             warns once.
-        scaler: the ``torch.amp.GradScaler`` given to the watch, if any: the
-            hooks see the scaled loss's gradients, so the norms are divided by
-            its scale (required when the watch has a scaler).
+        scaler: a ``torch.amp.GradScaler`` whose scaled loss's gradients the
+            hooks see (the norms are divided by its scale); default: the
+            watch's ``scaler``, if any.
 
     Raises:
         TypeError: ``batch_dim``/``max_examples`` not integers, or ``scaler``
             not a ``GradScaler``.
-        ValueError: ``batch_dim`` < 0 or ``max_examples`` < 1; at bind, a watch
-            with a ``scaler`` and no ``scaler`` here.
+        ValueError: ``batch_dim`` < 0 or ``max_examples`` < 1.
 
     Example:
         >>> import torch, gradwatch as gw
@@ -298,16 +297,9 @@ class PerExampleNorms(Contributor):
         self._hot = bool(value)
 
     def bind(self, binding: Binding) -> None:
-        """Index the watched parameters and install the global module forward hook.
-
-        Raises:
-            ValueError: the watch has a ``scaler`` and this statistic has none.
-        """
-        if binding.amp and self.scaler is None:
-            raise ValueError(
-                "PerExampleNorms(scaler=...) is required when the GradWatch has a scaler: the hooks see the "
-                "scaled loss's gradients; pass the same GradScaler to both"
-            )
+        """Index the watched parameters and install the global module forward hook (the watch's scaler by default)."""
+        if self.scaler is None:
+            self.scaler = binding.scaler
         super().bind(binding)
         self._index = {id(p): i for i, p in enumerate(binding.params)}
         self._acc = binding.dtype

@@ -149,6 +149,7 @@ class NoiseScale(Contributor):
         self.process_group = check_process_group(process_group)
         self._hot, self._boundary = True, False
         self._handles: list[Any] = []
+        self._matrices: dict[int, Tensor] = {}
         self._warned = False
         self._ema: Tensor | None = None
         self._started: Tensor | None = None
@@ -188,6 +189,7 @@ class NoiseScale(Contributor):
         self._ema = torch.zeros(2, device=dev, dtype=dt)  # [E_grad_sq, E_trace]
         self._started = torch.zeros((), device=dev, dtype=torch.bool)
         self._nan = torch.full((), math.nan, device=dev, dtype=dt)
+        self._matrices = {}
         self._reset()
         self.close()
         for i, p in enumerate(binding.params):
@@ -240,41 +242,59 @@ class NoiseScale(Contributor):
 
     def observe(self, view: StepView) -> Mapping[str, Tensor]:
         """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync)."""
-        assert self._ema is not None and self._started is not None
         k_local = max(self._counts, default=0)
-        sq = _sum_of_squares(self._norms) if self._norms else torch.zeros_like(self._nan)
+        sq = _sum_of_squares(self._norms) if self._norms else torch.zeros_like(self._nan)  # sum_j |c_j|^2
         sums = _sum_of_squares(list(self._sums.values())) if self._amp and self._sums else None
         self._reset()
-        R = self._world
-        if R > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
+        b2 = view.total * view.total
+        if self._world > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
             t = torch.stack([sq, torch.full((), float(k_local), device=sq.device, dtype=sq.dtype)])
             dist.all_reduce(t, group=self._group())
-            sq, n = t[0], t[1]
+            x = self._estimates(*t.unbind(), b2)
+        elif k_local < 2:
+            self._warn_once(k_local)
+            return {"grad_sq": self._nan, "trace": self._nan, "b_simple": self._nan}
         else:
-            n = k_local
-            if n < 2:
-                self._warn_once(n)
-                return {"grad_sq": self._nan, "trace": self._nan, "b_simple": self._nan}
-        b2 = view.total.square()
-        # G_j = K c_j / S with K = n / R: s2 = mean_j |G_j|^2 = (K^2 / S^2) * (sum |c|^2) / n
-        s2 = sq * n / (R * R)
-        if sums is not None:  # AMP: 1/S^2 = |g|^2 / |sum_j c_j|^2
-            s2 = s2 * b2 / sums
-        Bs = float(self.batch_size)
-        Bb = n * Bs
-        grad_sq = (Bb * b2 - Bs * s2) / (Bb - Bs)
-        trace = (s2 - b2) / (1.0 / Bs - 1.0 / Bb)
-        return {"grad_sq": grad_sq, "trace": trace, "b_simple": self._average(grad_sq, trace)}
+            if sums is not None:  # AMP: the hooks' gradients carry S = |sum_j c_j| / |g|; 1/S^2 = b2 / |sum_j c_j|^2
+                sq = sq * b2 / sums
+            x = torch.mv(self._matrix(k_local), torch.stack([sq, b2]))
+        b_simple = self._average(x)
+        grad_sq, trace = x.unbind()
+        return {"grad_sq": grad_sq, "trace": trace, "b_simple": b_simple}
 
-    def _average(self, grad_sq: Tensor, trace: Tensor) -> Tensor:
-        """Update the moving averages with the step's estimates if both are finite; their ratio."""
+    def _estimates(self, sq: Tensor, n: Tensor, b2: Tensor) -> Tensor:
+        """``[grad_sq, trace]`` from ``sum |c|^2`` over all ranks and ``n`` backward calls in all (device tensors).
+
+        ``G_j = K c_j`` with ``K = n / R``, so ``s2 = K^2 sum|c|^2 / n = n sum|c|^2 / R^2``;
+        ``grad_sq = (B_b b2 - B_s s2)/(B_b - B_s) = (n b2 - s2)/(n - 1)`` and
+        ``trace = (s2 - b2)/(1/B_s - 1/B_b) = (s2 - b2) B_s n/(n - 1)``, with ``B_b = n B_s``.
+        """
+        s2 = sq * n / float(self._world**2)
+        c = n / (n - 1)
+        return torch.stack([(n * b2 - s2) / (n - 1), (s2 - b2) * c * float(self.batch_size)])
+
+    def _matrix(self, n: int) -> Tensor:
+        """``M`` with ``[grad_sq, trace] = M @ [sum|c|^2, b2]`` for ``n`` backward calls on one process (cached).
+
+        One process: ``s2 = n sum|c|^2``, so with ``c = n/(n - 1)``:
+        ``grad_sq = c (b2 - sum|c|^2)`` and ``trace = B_s c (n sum|c|^2 - b2)`` (see :meth:`_estimates`).
+        """
+        m = self._matrices.get(n)
+        if m is None:
+            c, bs = n / (n - 1), float(self.batch_size)
+            m = torch.tensor([[-c, c], [bs * c * n, -bs * c]], dtype=self.binding.dtype, device=self.binding.device)
+            self._matrices[n] = m
+        return m
+
+    def _average(self, x: Tensor) -> Tensor:
+        """Update ``[E_grad_sq, E_trace]`` with ``x`` if both are finite; ``E_trace / E_grad_sq`` (NaN before any)."""
         assert self._ema is not None and self._started is not None
-        x = torch.stack([grad_sq, trace])
         ok = torch.isfinite(x).all()
-        moved = torch.where(self._started, self._ema * self.alpha + x * (1.0 - self.alpha), x)
-        self._ema.copy_(torch.where(ok, moved, self._ema))
+        moved = torch.where(self._started, torch.lerp(self._ema, x, 1.0 - self.alpha), x)
+        torch.where(ok, moved, self._ema, out=self._ema)
         self._started.logical_or_(ok)
-        return torch.where(self._started, self._ema[1] / self._ema[0], self._nan)
+        e_grad_sq, e_trace = self._ema.unbind()
+        return e_trace / e_grad_sq  # 0/0 = NaN until a finite step
 
     def _warn_once(self, n: int) -> None:
         if self._warned:

@@ -129,6 +129,20 @@ def timing(task: str, rounds: int, warmup: int = 3) -> dict[str, dict[str, float
     return out
 
 
+def read_floor(task: str, reps: int = 20) -> float:
+    """Milliseconds of ``K`` x one ``vector_norm`` of every gradient, measured apart: NoiseScale's reads alone."""
+    r = Run(task, "plain")
+    r.step()
+    grads = [p.grad for p in r.model.parameters() if p.grad is not None]
+    for g in grads:
+        torch.linalg.vector_norm(g)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for g in grads:
+            torch.linalg.vector_norm(g)
+    return 1e3 * K * (time.perf_counter() - t0) / reps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
@@ -149,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'variant':<22}{'median ms':>11}{'/ watch':>9}{'/ plain':>9}")
         for v, row in t.items():
             print(f"{v:<22}{row['median_ms']:>11.2f}{row['vs_watch']:>9.3f}{row['vs_plain']:>9.3f}")
+        floor = read_floor(task)
+        print(
+            f"read floor: {K} x one vector_norm of every gradient = {floor:.2f} ms "
+            f"({floor / t['watch']['median_ms']:.1%} of the watched step)"
+        )
         within = o["per_backward_per_param"] <= 1 and o["syncs"] == 0
         if task == "mlp":
             within = within and t["watch + NoiseScale"]["vs_watch"] <= 1.05

@@ -261,7 +261,51 @@ def main(argv: list[str] | None = None) -> int:
         costs[task] = read_cost(task, 10 if task != "srn" else 100)
         print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in costs[task].values()) + " |")
     print("\n" + floor_report(rows, costs))
+    if "srn" in args.models:
+        print("\n" + profile_report("srn", ["watch (auto)", "watch + ClipByGlobalNorm"]))
     return 0
+
+
+def profile_report(task: str, variants: list[str], steps: int = 2000) -> str:
+    """Where a watched step's added time goes, per step: the watch's own torch ops and its Python.
+
+    The ``watch.step()`` of each variant alone, on one step's gradients
+    (timed apart from forward and backward), split by cProfile into the torch
+    calls it makes and the top gradwatch functions by self time. cProfile adds
+    its own cost to every Python call, so the Python shares are upper bounds.
+    """
+    import cProfile
+    import pstats
+
+    base, loss, _ = TASKS[task]()
+    lines = [f"Inside watch.step() on the {task} (us per step; torch ops vs gradwatch's Python, by self time):"]
+    for variant in variants:
+        kwargs = {k: (v() if k == "clipper" else v) for k, v in VARIANTS[variant][0].items()}
+        model = copy.deepcopy(base)
+        loss(model).backward()
+        watch = gw.GradWatch(model, flush_every=100, **kwargs)
+        for _ in range(200):
+            watch.step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            watch.step()
+        wall = (time.perf_counter() - t) / steps * 1e6
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            watch.step()
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        own = [(tt, f"{Path(f).stem}.{fn}") for (f, _, fn), (_, _, tt, _, _) in stats.items() if "gradwatch" in f]
+        ops = sum(tt for (f, _, fn), (_, _, tt, _, _) in stats.items() if f == "~" and "torch" in fn)
+        own.sort(reverse=True)
+        top = ", ".join(f"{name} {tt / steps * 1e6:.1f}" for tt, name in own[:6])
+        lines.append(
+            f"- {variant}: {wall:.1f} us per watch.step() without the profiler; under it: torch calls "
+            f"{ops / steps * 1e6:.1f}, gradwatch Python {sum(t for t, _ in own) / steps * 1e6:.1f} (top: {top})"
+        )
+        watch.close()
+    return "\n".join(lines)
 
 
 def floor_report(rows: list[dict], costs: dict[str, dict[str, float]]) -> str:

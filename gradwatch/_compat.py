@@ -42,14 +42,16 @@ def flatten_cat(tensors: Sequence[Tensor]) -> Tensor:
     return torch._chunk_cat(list(tensors), 0, 1)
 
 
-def foreach_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype | None = None) -> list[Tensor]:
+def foreach_norm(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype | None = None
+) -> Sequence[Tensor]:
     """``torch._foreach_norm`` where the device has it (CPU, CUDA, the private-use backend), else a loop.
 
     Same kernels as ``torch.nn.utils.get_total_norm``, hence the same bits.
     """
-    device = tensors[0].device
-    if device.type in ("cpu", "cuda") or device.type == torch._C._get_privateuse1_backend_name():
-        return list(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
+    kind = tensors[0].device.type
+    if kind == "cpu" or kind == "cuda" or kind == torch._C._get_privateuse1_backend_name():
+        return torch._foreach_norm(tensors if isinstance(tensors, list) else list(tensors), norm_type, dtype=dtype)
     return [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
 
 

@@ -288,6 +288,9 @@ class NormMeter(ReadyOrder):
         self._fused_idx = [i for i in range(P) if not self.hooked[i]]
         self._check_reduced = bool(self._hooked_idx)  # at the first measure: see _unhook_reduced
         self._index_of = IndexCache(device)
+        # the common case, planned once: every gradient in one fused pass straight into the row
+        same = all(p.device == device and p.dtype == dtype for p in self.params)
+        self._one_pass = same and not self._hooked_idx and accumulation_dtype(dtype) is None
         self.hot = True
         super().__init__(P)
         if self._hooked_idx or track_order:
@@ -328,6 +331,8 @@ class NormMeter(ReadyOrder):
         """
         if self._check_reduced:
             self._unhook_reduced()
+        if self._one_pass and not missing and all(g.dtype is self.dtype and not g.is_sparse for g in grads):
+            return torch.stack(foreach_norm(grads), out=out)  # what write_norms does, without planning
         if self._hooked_idx:
             for i in self._hooked_idx:  # gradients no hook saw this step (set by hand, or changed since)
                 g = grads[i]

@@ -18,11 +18,11 @@ from gradwatch.clip.base import (
     ClipContext,
     Clipper,
     ClipResult,
-    _accumulate,
     _measure_after,
     _reject,
 )
 from gradwatch.distributed import is_dtensor, local_tensor, row_norms
+from gradwatch.norms import accumulation_dtype
 
 __all__ = ["AGC"]
 
@@ -153,15 +153,16 @@ class AGC(Clipper):
             else:
                 cat.setdefault((g.device, g.dtype, p.dtype, g.ndim, tuple(g.shape[1:])), []).append(i)
         plan = [self._flat_piece(ctx, idx, device, dt) for (device, dt), idx in flat.items()]
+        acc = accumulation_dtype
         for (device, gdt, pdt), idx in vec.items():
-            plan.append(_Piece("vec", idx, [1] * len(idx), 1, device, _accumulate(gdt) or _accumulate(pdt)))
+            plan.append(_Piece("vec", idx, [1] * len(idx), 1, device, acc(gdt) or acc(pdt)))
         for (device, gdt, pdt, ndim, _), idx in cat.items():
             rows = [ctx.grads[i].shape[0] for i in idx]  # type: ignore[union-attr]
-            plan.append(_Piece("cat", idx, rows, ndim, device, _accumulate(gdt) or _accumulate(pdt)))
+            plan.append(_Piece("cat", idx, rows, ndim, device, acc(gdt) or acc(pdt)))
         for i in big:
             g = ctx.grads[i]
             assert g is not None
-            plan.append(_Piece("big", [i], [g.shape[0]], g.ndim, g.device, _accumulate(g.dtype)))
+            plan.append(_Piece("big", [i], [g.shape[0]], g.ndim, g.device, accumulation_dtype(g.dtype)))
         return plan
 
     def _flat_piece(self, ctx: ClipContext, idx: list[int], device: torch.device, dtype: torch.dtype) -> _Piece:

@@ -18,7 +18,7 @@ from torch import Tensor
 from gradwatch._compat import foreach_mul, foreach_mul_, foreach_norm
 from gradwatch._params import Binding, named_trainable
 from gradwatch.distributed import full_norms, is_dtensor, local_tensor
-from gradwatch.norms import grad_norms, group_by_device_dtype, stat_dtype, total_norm
+from gradwatch.norms import accumulation_dtype, grad_norms, group_by_device_dtype, stat_dtype, total_norm
 
 __all__ = ["ClipContext", "ClipResult", "Clipper", "GlobalClipper"]
 
@@ -61,11 +61,6 @@ def _norms(
             values = g.coalesce().values()
             out[i] = torch.linalg.vector_norm(values, norm_type).to(device=device, dtype=dtype)
     return out
-
-
-def _accumulate(dtype: torch.dtype) -> torch.dtype | None:
-    """float32 for half-precision tensors (their norms are accumulated in float32), else None."""
-    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else None
 
 
 class ClipContext:
@@ -229,7 +224,7 @@ def _measure_after(ctx: ClipContext) -> Tensor:
     if len(groups) == 1:
         (_, dtype), (grads, _) = next(iter(groups.items()))
         if len(grads) == len(ctx.grads):  # no missing gradient: no scatter needed
-            return torch.stack(foreach_norm(grads, 2, dtype=_accumulate(dtype)))
+            return torch.stack(foreach_norm(grads, 2, dtype=accumulation_dtype(dtype)))
     return _norms(ctx.grads, device=like.device, dtype=like.dtype)
 
 

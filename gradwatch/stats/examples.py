@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from gradwatch._compat import scale_of
+from gradwatch._compat import module_parameter, scale_of
 from gradwatch._validate import check_int
 from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
 
@@ -403,7 +403,7 @@ class PerExampleNorms(Contributor):
             if got is None:
                 return None
         params = self.binding.params
-        if any(module._parameters.get(n) is not params[i] for n, i in got[1]):
+        if any(module_parameter(module, n) is not params[i] for n, i in got[1]):
             return None  # parameters swapped (torch.func.functional_call): not the watched ones
         return got
 
@@ -492,7 +492,7 @@ def _linear_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[
         if name == "bias":
             out.append((i, _Dense(gg.sum((1, 2)))))
         else:
-            shape = m._parameters[name].shape
+            shape = module_parameter(m, name).shape
             out.append((i, _Outer(gg, a, shape) if use.kind == "linear" else _Outer(a, gg, shape)))
     return out
 
@@ -504,7 +504,7 @@ def _embedding_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tup
     gg = _to_front(g, bd).reshape(B, idx.shape[1], -1).to(dt)
     if m.padding_idx is not None:
         gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(dt)
-    return [(i, _Index(idx, gg, m._parameters[name].shape)) for name, i in use.entries]
+    return [(i, _Index(idx, gg, module_parameter(m, name).shape)) for name, i in use.entries]
 
 
 def _norm_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
@@ -533,7 +533,7 @@ def _conv_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[in
             out.append((i, _Dense(gg.sum(-1))))
         else:
             L, R = gg.reshape(B, G, -1, T).mT, cols.reshape(B, G, -1, T).mT
-            out.append((i, _Outer(L, R, m._parameters[name].shape)))
+            out.append((i, _Outer(L, R, module_parameter(m, name).shape)))
     return out
 
 

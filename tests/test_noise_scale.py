@@ -331,7 +331,7 @@ def test_variance_shrinks_as_the_big_batch_grows():
 DDP_BS = 3  # rows per micro-batch per rank
 
 
-def _ddp_run(rank: int, world: int, k: int) -> dict:
+def _ddp_run(rank: int, world: int, k: int, amp: bool = False) -> dict:
     from contextlib import nullcontext
 
     from _dist_harness import MLP, batch, loss_fn
@@ -341,7 +341,8 @@ def _ddp_run(rank: int, world: int, k: int) -> dict:
 
     ddp = DDP(MLP())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    watch = gw.GradWatch(ddp, stats=[gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)]).attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3000.0) if amp else None
+    watch = gw.GradWatch(ddp, scaler=scaler, stats=[gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)]).attach(opt)
     collectives = []
     for step in range(STEPS):
         x, y = batch(step, n=world * k * DDP_BS)
@@ -349,9 +350,14 @@ def _ddp_run(rank: int, world: int, k: int) -> dict:
         opt.zero_grad()
         for j, (xb, yb) in enumerate(mine):
             with ddp.no_sync() if j < k - 1 else nullcontext():
-                (loss_fn(ddp, xb, yb) / k).backward()
+                loss = loss_fn(ddp, xb, yb) / k
+                (scaler.scale(loss) if amp else loss).backward()
         with count_collectives() as c:  # the watch runs in the optimizer's step pre-hook
-            opt.step()
+            if amp:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
         collectives.append(c["all_reduce"])
     h = watch.history
     watch.close()
@@ -366,20 +372,18 @@ def ddp_k2(rank: int, world: int) -> dict:
     return _ddp_run(rank, world, 2)
 
 
-def ddp_refusals(rank: int, world: int) -> dict:
-    from _dist_harness import MLP, fsdp2_mlp, mesh
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def ddp_k2_amp(rank: int, world: int) -> dict:
+    return _ddp_run(rank, world, 2, amp=True)
 
-    out = {}
+
+def fsdp2_refused(rank: int, world: int) -> str:
+    from _dist_harness import fsdp2_mlp, mesh
+
     try:
         gw.GradWatch(fsdp2_mlp(mesh((world,))), stats=[gw.NoiseScale(batch_size=2)])
     except NotImplementedError as e:
-        out["fsdp2"] = str(e)
-    try:
-        gw.GradWatch(DDP(MLP()), scaler=torch.amp.GradScaler("cpu"), stats=[gw.NoiseScale(batch_size=2)])
-    except NotImplementedError as e:
-        out["amp"] = str(e)
-    return out
+        return str(e)
+    return "built"
 
 
 def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
@@ -403,10 +407,10 @@ def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
 def ddp_results():
     from _dist_harness import run_scenarios
 
-    return run_scenarios([ddp_k1, ddp_k2, ddp_refusals], 2)
+    return run_scenarios([ddp_k1, ddp_k2, ddp_k2_amp, fsdp2_refused], 2)
 
 
-@pytest.mark.parametrize("name, k", [("ddp_k1", 1), ("ddp_k2", 2)])
+@pytest.mark.parametrize(("name", "k"), [("ddp_k1", 1), ("ddp_k2", 2), ("ddp_k2_amp", 2)])
 def test_ddp_two_ranks_equal_the_single_process_reference(ddp_results, name, k):
     from _dist_harness import result_of
 
@@ -417,9 +421,8 @@ def test_ddp_two_ranks_equal_the_single_process_reference(ddp_results, name, k):
     assert r0["collectives"] == [1] * STEPS  # one all-reduce of two numbers per step, nothing else
 
 
-def test_ddp_refuses_what_it_does_not_support(ddp_results):
+def test_fsdp2_is_refused(ddp_results):
     from _dist_harness import result_of
 
-    for out in result_of(ddp_results, "ddp_refusals"):
-        assert "FSDP2" in out["fsdp2"] and "DTensor" in out["fsdp2"]
-        assert "GradScaler" in out["amp"]
+    for message in result_of(ddp_results, "fsdp2_refused"):
+        assert "FSDP2" in message and "DTensor" in message

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gradwatch._compat import scale_of
 from gradwatch._validate import check_float, check_int
 from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
 from gradwatch.distributed import check_process_group, is_dtensor
@@ -84,9 +85,8 @@ class NoiseScale(Contributor):
     measures it (pre-clip, AMP-unscaled, after DDP's averaging), so
     ``b2 = total²``; each micro-batch gradient is taken in the same units,
     ``G_j = K·c_j/S`` where ``S`` is the factor between the hooks' gradients
-    and ``g`` (``S = 1`` without a ``GradScaler``; with one,
-    ``S = |Σ_j c_j|/|g|``, measured by one more ``vector_norm`` per parameter
-    in a post-accumulate-grad hook). ``K·c_j`` is the micro-batch gradient of
+    and ``g``: 1 without a ``GradScaler``, with one its scale (the device
+    tensor, read from the watch's :class:`~gradwatch.Binding`). ``K·c_j`` is the micro-batch gradient of
     the mean loss when, as usual, each backward call carries ``loss / K``
     (mean convention: then ``g = G_big`` exactly). With the sum convention
     (``loss`` itself, ``g = K·G_big``) ``grad_sq`` and ``trace`` are
@@ -102,8 +102,7 @@ class NoiseScale(Contributor):
     ``process_group`` (DDP); the local sums and the backward counts go into one
     all-reduce of two numbers per step (none with one rank), so every rank
     records the same row. DTensor parameters (FSDP2, HSDP, tensor parallel)
-    and a ``GradScaler`` together with several ranks are not supported
-    (``NotImplementedError`` when the watch is built). Hooks skip their work on
+    are not supported (``NotImplementedError`` when the watch is built). Hooks skip their work on
     steps the watch does not record (``every > 1``).
 
     Columns (``History.stats``): ``"noise.grad_sq"``, ``"noise.trace"``,
@@ -166,11 +165,10 @@ class NoiseScale(Contributor):
         self._boundary = True  # what the hooks saw so far belongs to the step that just ran
 
     def bind(self, binding: Binding) -> None:
-        """Register one tensor hook per parameter (and, with AMP, a post-accumulate-grad hook).
+        """Register one tensor hook per parameter.
 
         Raises:
-            NotImplementedError: DTensor parameters (FSDP2, HSDP, tensor
-                parallel), or a ``GradScaler`` with several data-parallel ranks.
+            NotImplementedError: DTensor parameters (FSDP2, HSDP, tensor parallel).
         """
         super().bind(binding)
         if any(is_dtensor(p) for p in binding.params):
@@ -179,12 +177,7 @@ class NoiseScale(Contributor):
                 "would see shard-local gradients; use it with DDP or on one process"
             )
         self._world = self._world_size()
-        if binding.amp and self._world > 1:
-            raise NotImplementedError(
-                "NoiseScale with a GradScaler on several data-parallel ranks is not supported yet: the scale of "
-                "the hooks' gradients relative to the averaged step gradient is not measured there"
-            )
-        self._amp = binding.amp
+        self._scaler = getattr(binding, "scaler", None) if binding.amp else None
         dev, dt = binding.device, binding.dtype
         self._ema = torch.zeros(2, device=dev, dtype=dt)  # [E_grad_sq, E_trace]
         self._started = torch.zeros((), device=dev, dtype=torch.bool)
@@ -194,8 +187,6 @@ class NoiseScale(Contributor):
         self.close()
         for i, p in enumerate(binding.params):
             self._handles.append(p.register_hook(self._contribution_hook(i)))
-            if self._amp:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._sum_hook(i)))
 
     def _world_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -211,7 +202,6 @@ class NoiseScale(Contributor):
     def _reset(self) -> None:
         """Forget the hooks' values: a new step begins."""
         self._norms: list[Tensor] = []  # |c_j| of every parameter and backward call since the last step
-        self._sums: dict[int, Tensor] = {}  # AMP: |sum_j c_j| per parameter (the latest accumulated .grad)
         self._counts = [0] * len(self.binding.params)
         self._boundary = False
 
@@ -226,13 +216,6 @@ class NoiseScale(Contributor):
 
         return hook
 
-    def _sum_hook(self, i: int) -> Callable[[Tensor], None]:
-        def hook(param: Tensor) -> None:
-            if self._hot and param.grad is not None:
-                self._sums[i] = self._as_row(_norm(param.grad))
-
-        return hook
-
     def _as_row(self, t: Tensor) -> Tensor:
         b = self.binding
         return t if t.dtype == b.dtype and t.device == b.device else t.to(b.device, b.dtype)
@@ -244,8 +227,10 @@ class NoiseScale(Contributor):
         """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync)."""
         k_local = max(self._counts, default=0)
         sq = _sum_of_squares(self._norms) if self._norms else torch.zeros_like(self._nan)  # sum_j |c_j|^2
-        sums = _sum_of_squares(list(self._sums.values())) if self._amp and self._sums else None
         self._reset()
+        scale = scale_of(self._scaler) if self._scaler is not None and self._scaler.is_enabled() else None
+        if scale is not None:  # the hooks saw the scaled gradients S c_j (the scale of this step's backward calls)
+            sq = (sq / scale.to(sq.dtype).square()).reshape(())
         b2 = view.total * view.total
         if self._world > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
             t = torch.stack([sq, torch.full((), float(k_local), device=sq.device, dtype=sq.dtype)])
@@ -255,8 +240,6 @@ class NoiseScale(Contributor):
             self._warn_once(k_local)
             return {"grad_sq": self._nan, "trace": self._nan, "b_simple": self._nan}
         else:
-            if sums is not None:  # AMP: the hooks' gradients carry S = |sum_j c_j| / |g|; 1/S^2 = b2 / |sum_j c_j|^2
-                sq = sq * b2 / sums
             x = torch.mv(self._matrix(k_local), torch.stack([sq, b2]))
         b_simple = self._average(x)
         grad_sq, trace = x.unbind()

@@ -113,8 +113,12 @@ class Contributor:
         every_step: observe at every step, not only recorded ones (a clipper must).
         uses_order: :meth:`events` reads ``rec.order`` (the order in which the
             gradients became ready); the watch tracks it only when asked.
-        hot: set by the watch before each backward: whether the coming step is
-            observed (hooks of a statistic can skip their work when it is not).
+        hot: set by the watch exactly once per step, at the start of that step's
+            measurement (before any ``observe``), for the *coming* step: whether
+            its backward is observed (hooks of a statistic can skip their work
+            when it is not). A statistic that keeps per-step state can make it a
+            property whose setter closes the step (``NoiseScale`` and
+            ``PerExampleNorms`` do).
     """
 
     prefix: str = "stat"

@@ -205,8 +205,12 @@ def decode(
     cols: dict[str, np.ndarray],
     metas: list[RowMeta],
     taps: dict[str, np.ndarray],
-) -> tuple[History, list[tuple[Any, Event]]]:
+) -> tuple[History, list[tuple[Any, Event]], list[Exception]]:
     """Flushed host rows as a History: each contributor maps its columns and makes its events.
+
+    A contributor whose ``to_history`` or ``events`` raises (or maps columns of
+    the wrong shape) loses only its own share: the norms and every other
+    contributor's columns are kept, and its error is returned.
 
     Args:
         names: the parameter names.
@@ -217,30 +221,42 @@ def decode(
         taps: ``{name: [n]}`` tapped values (NaN where a row has none).
 
     Returns:
-        The rows as a :class:`~gradwatch.History` (events in step order), and
-        ``(action, event)`` for each event whose contributor has an action.
+        The rows as a :class:`~gradwatch.History` (events in step order),
+        ``(action, event)`` for each event whose contributor has an action, and
+        the errors the contributors raised.
     """
     norms, total = cols["norms"], cols["total"]
     missing = np.zeros(norms.shape, bool)
     for r, m in enumerate(metas):
         missing[r, m.missing] = True
+    steps = [m.step for m in metas]
     own = [(c, strip(cols, c.prefix)) for c in parts]
     mapped: dict[str, np.ndarray] = {}
+    stats: dict[str, np.ndarray] = {}
+    errors: list[Exception] = []
     for c, mine in own:
-        mapped.update(c.to_history(mine))
-    stats = {k: mapped.pop(k) for k in [k for k in mapped if "." in k]}
+        try:
+            part = dict(c.to_history(mine))
+            part_stats = {k: part.pop(k) for k in [k for k in part if "." in k]}
+            History(names).append(steps, norms, stats=part_stats, **part)  # shapes checked before they count
+        except Exception as exc:
+            errors.append(exc)
+            continue
+        mapped.update(part)
+        stats.update(part_stats)
     chunk = History(names, meta)
-    steps = [m.step for m in metas]
-    chunk.append(
-        steps, norms, total=total, grad_missing=missing if missing.any() else None, taps=taps, stats=stats, **mapped
-    )
-    talking = [(c, mine) for c, mine in own if type(c).events is not Contributor.events]
+    missing_or_none = missing if missing.any() else None
+    chunk.append(steps, norms, total=total, grad_missing=missing_or_none, taps=taps, stats=stats, **mapped)
     reactions: list[tuple[Any, Event]] = []
+    talking = [(c, mine) for c, mine in own if type(c).events is not Contributor.events]
     for r, m in enumerate(metas):
         for c, mine in talking:
             rec = Record(m.step, norms[r], float(total[r]), {k: v[r] for k, v in mine.items()}, missing[r], m.order)
-            for e in c.events(rec):
-                chunk.events.append(e)
-                if c.action is not None:
-                    reactions.append((c.action, e))
-    return chunk, reactions
+            try:
+                found = list(c.events(rec))
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            chunk.events += found
+            reactions += [(c.action, e) for e in found if c.action is not None]
+    return chunk, reactions, errors

@@ -87,10 +87,10 @@ class RowStore:
     def flush(self, final: bool = False) -> None:
         """Copy the buffered rows to the host and hand them out; ``final`` (at close) completes an open incident."""
         if self.rows.count:
-            chunk, reactions = decode(self.history.names, self.history.meta, self.parts, *self._to_host())
+            chunk, reactions, failed = decode(self.history.names, self.history.meta, self.parts, *self._to_host())
             self.generation += 1
         elif final and self.recorder is not None:
-            chunk, reactions = History(self.history.names, self.history.meta), []
+            chunk, reactions, failed = History(self.history.names, self.history.meta), [], []
         else:
             return
         if self.recorder is not None:  # every step was copied: the recorder keeps what history keeps
@@ -98,7 +98,7 @@ class RowStore:
             if self.recorder.dropped:
                 self.history.meta["incidents_dropped"] = self.recorder.dropped
         self.history.extend(chunk)
-        errors: list[BaseException] = list(self.sinks.write(chunk))
+        errors: list[BaseException] = [*failed, *self.sinks.write(chunk)]
         for action, event in reactions:
             collect(errors, self._act, action, event)
         collect(errors, self.after_flush)

@@ -234,3 +234,41 @@ def test_summary_and_plots_show_statistics(tmp_path, capsys):
         gw.plot_stats(h, ["nope.x"])
     with pytest.raises(ValueError, match="one number per step"):
         gw.plot_stats_heatmap(h, "cos.prev")
+
+
+def test_a_failing_statistic_loses_only_its_own_share_of_a_flush():
+    class Broken(gw.Contributor):
+        prefix = "broken"
+
+        def columns(self):
+            return {"x": gw.SCALAR}
+
+        def observe(self, view):
+            return {"x": view.total}
+
+        def to_history(self, cols):
+            return {"broken.x": cols["x"][:1]}  # the wrong number of rows
+
+    class Loud(Broken):
+        prefix = "loud"
+
+        def to_history(self, cols):
+            return {"loud.x": cols["x"]}
+
+        def events(self, rec):
+            raise RuntimeError("loud events")
+
+    model = torch.nn.Linear(4, 2)
+    watch = gw.GradWatch(model, stats=[GradCosine(), Broken(), Loud()], flush_every=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(1, 4)).sum().backward()
+        watch.step()
+        opt.step()
+    with pytest.raises(ValueError, match=r"broken\.x"):
+        watch.flush()
+    h = watch.history  # nothing left to flush: the rows were stored before the error was raised
+    assert h.steps.tolist() == [0, 1] and np.isfinite(h.norms).all()
+    assert sorted(h.stats) == ["cos.parts", "cos.prev", "loud.x"]  # the others' columns are kept
+    np.testing.assert_allclose(h.stats["loud.x"], h.total)

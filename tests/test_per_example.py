@@ -122,6 +122,43 @@ def test_sequence_model_embedding_norms_shared_layer():
     np.testing.assert_allclose(h.stats["example.covered"], [1.0], rtol=1e-5)
 
 
+class Shared(nn.Module):
+    """Parameters used by several calls: an embedding twice, a tied head, a grouped conv twice, a layer 6 times."""
+
+    def __init__(self, vocab: int = 7, d: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)  # looked up twice (T^2 > V d on the second) and tied to the head
+        self.conv = nn.Conv1d(d, d, 3, padding=1, groups=2)  # twice: grouped factors
+        self.loop = nn.Linear(d, d)  # 6 calls: per-example gradients summed
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) + self.emb(z).mean(1, keepdim=True)  # [B, T, d]
+        h = torch.tanh(self.conv(torch.tanh(self.conv(h.mT)))).mT
+        for _ in range(6):
+            h = torch.tanh(self.loop(h))
+        return self.head(h).mean(1)  # [B, vocab]
+
+
+def test_parameters_used_several_times_match_torch_func():
+    model, B = Shared(), 5
+    x, z, y = torch.randint(0, 7, (B, 4)), torch.randint(0, 7, (B, 9)), torch.randint(0, 7, (B,))
+    ref = reference(model, lambda p, xi, zi, yi: F.cross_entropy(call(model, p, xi, zi), yi[None]) / B, x, z, y)
+    h = measured(model, lambda: F.cross_entropy(model(x, z), y).backward())
+    assert rel(h.stats["example.norm"][0], ref) < 1e-4
+    np.testing.assert_allclose(h.stats["example.covered"], [1.0], rtol=1e-5)
+
+
+def test_long_sequences_lower_triangle_ghost_norms():
+    model, B = nn.Sequential(nn.Linear(192, 192), nn.Tanh(), nn.Linear(192, 3)), 3  # T >= 64: blocked Gram matrices
+    for T in (64, 101):  # 2 blocks; 4 blocks, the last narrower
+        x = torch.randn(B, T, 192)
+        ref = reference(model, lambda p, xi: call(model, p, xi).square().mean() / B, x)
+        h = measured(model, lambda x=x: model(x).square().mean(0).mean().backward())
+        assert rel(h.stats["example.norm"][0], ref) < 1e-4
+
+
 def test_small_vocabulary_embedding_direct_path():
     model, B = nn.Sequential(nn.Embedding(3, 2), nn.Linear(2, 2)), 4  # T^2 > V d: rows scattered per example
     x = torch.randint(0, 3, (B, 9))

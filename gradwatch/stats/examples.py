@@ -18,9 +18,10 @@ al. 2022, arXiv:2110.05679; Bu et al. 2023, arXiv:2205.10683)
 two :math:`T \times T` Gram matrices instead of a :math:`d_\text{out} \times
 d_\text{in}` matrix per example. For each layer and shape the cheaper of the
 two is used: the Gram matrices (about :math:`T^2 (d_\text{in} +
-d_\text{out})` multiply-adds per example) or :math:`G_i` itself (about
-:math:`T d_\text{in} d_\text{out}`); with one position per example (an MLP)
-the identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`.
+d_\text{out})` multiply-adds per example; from :math:`T = 64` on only their
+lower triangle, in column blocks) or :math:`G_i` itself (about :math:`T
+d_\text{in} d_\text{out}`); with one position per example (an MLP) the
+identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,40 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+#: the per-element cost, in multiply-adds, of materialising a per-example gradient (write it, read it back)
+_WRITE = 8
+#: a ghost norm over T >= _SYM positions computes the lower triangle of its Gram matrices in about 4 column
+#: blocks of a multiple of 32 positions (5/8 of the multiply-adds); on CPU it costs about _SYM_COST of the full
+#: Gram matrices (blocks of other widths run slower)
+_SYM, _SYM_COST = 64, 0.8
+#: a parameter used by at most this many calls of a pass gets its norm from cross terms of their factors
+_PAIRWISE = 4
+
+
+def _sqsum(d: Tensor) -> Tensor:
+    """Per-example squared norm of ``d`` ``[B, ...]`` (one batched dot product)."""
+    f = d.reshape(d.shape[0], 1, -1)
+    return torch.bmm(f, f.mT).reshape(-1)
+
+
+def _ghost(L: Tensor, R: Tensor, L2: Tensor, R2: Tensor) -> Tensor:
+    """``sum_{t,s} (L_t . L2_s) (R_t . R2_s)`` for each of ``N`` (``L``: ``[N, T, r]``, ``R``: ``[N, T, c]``)."""
+    return torch.bmm(L, L2.mT).mul_(torch.bmm(R, R2.mT)).sum((1, 2))
+
+
+def _sym_ghost(L: Tensor, R: Tensor) -> Tensor:
+    """``_ghost(L, R, L, R)`` from the lower triangle: column blocks, off-diagonal entries counted twice."""
+    T = L.shape[1]
+    b = 32 * -(-T // 128)
+    out = None
+    for j in range(0, T, b):
+        k = min(j + b, T)
+        a = torch.bmm(L[:, j:], L[:, j:k].mT).mul_(torch.bmm(R[:, j:], R[:, j:k].mT))  # rows j.., columns j..k
+        s = a.sum((1, 2)).mul_(2.0).sub_(a[:, : k - j].sum((1, 2)))  # the diagonal block once
+        out = s if out is None else out.add_(s)
+    return out
+
+
 @dataclass
 class _Outer:
     """Per-example gradient ``L_i^T R_i`` per group (``L``: ``[B, G, T, r]``, ``R``: ``[B, G, T, c]``)."""
@@ -80,15 +115,23 @@ class _Outer:
     shape: torch.Size
 
     def sq(self) -> Tensor:
-        B, G, T, r = self.L.shape
+        B, _, T, r = self.L.shape
         c = self.R.shape[-1]
         if T == 1:  # one position: ||a||^2 ||g||^2
             return (self.L.square().sum(-1) * self.R.square().sum(-1)).reshape(B, -1).sum(1)
-        if T * (r + c) < r * c:  # ghost norm: two T x T Gram matrices
-            Lf, Rf = self.L.reshape(B * G, T, r), self.R.reshape(B * G, T, c)
-            gram = torch.bmm(Lf, Lf.mT).mul_(torch.bmm(Rf, Rf.mT))
-            return gram.reshape(B, -1).sum(1)
-        return self.direct().reshape(B, -1).square().sum(1)
+        ghost = T * T * (r + c) * (_SYM_COST if T >= _SYM else 1.0)
+        if ghost < (T + _WRITE) * r * c:  # ghost norm: two T x T Gram matrices (symmetric)
+            L, R = self.L.reshape(-1, T, r), self.R.reshape(-1, T, c)
+            return (_sym_ghost(L, R) if T >= _SYM else _ghost(L, R, L, R)).reshape(B, -1).sum(1)
+        return _sqsum(self.direct())
+
+    def cross(self, other: _Outer) -> Tensor:
+        """Per-example ``<G_i, G'_i>`` by the Gram matrices of the factors (``sum_{t,s} (L_t.L'_s) (R_t.R'_s)``)."""
+        B, G, T, r = self.L.shape
+        T2, c = other.L.shape[2], self.R.shape[-1]
+        L, R = self.L.reshape(B * G, T, r), self.R.reshape(B * G, T, c)
+        L2, R2 = other.L.reshape(B * G, T2, r), other.R.reshape(B * G, T2, c)
+        return _ghost(L, R, L2, R2).reshape(B, -1).sum(1)
 
     def direct(self) -> Tensor:
         B = self.L.shape[0]
@@ -104,12 +147,23 @@ class _Index:
     shape: torch.Size
 
     def sq(self) -> Tensor:
-        B, T, d = self.R.shape
+        T, d = self.R.shape[1:]
         V = self.shape[0]
         if T * T <= V * d:  # ghost norm: sum over t, t' of [idx_t == idx_t'] (g_t . g_t')
-            same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.R.dtype)
-            return torch.bmm(self.R, self.R.mT).mul_(same).reshape(B, -1).sum(1)
-        return self.direct().reshape(B, -1).square().sum(1)
+            return self.cross(self)
+        return _sqsum(self.direct())
+
+    def cross(self, other: _Index) -> Tensor:
+        """Per-example ``<E_i, E'_i>``: ``sum_{t,s} [idx_t == idx'_s] (R_t . R'_s)``."""
+        same = (self.idx[:, :, None] == other.idx[:, None, :]).to(self.R.dtype)
+        return torch.bmm(self.R, other.R.mT).mul_(same).reshape(self.R.shape[0], -1).sum(1)
+
+    def cross_outer(self, other: _Outer) -> Tensor:
+        """Per-example ``<E_i, L_i^T R_i>`` (one group, rows of ``L``): ``sum_{t,s} L_s[idx_t] (R_s . R_t)``."""
+        L, R = other.L[:, 0], other.R[:, 0]  # [B, T', V], [B, T', d]
+        B, T2 = L.shape[:2]
+        at = torch.gather(L, 2, self.idx.long()[:, None, :].expand(B, T2, -1))  # [B, T', T]
+        return torch.bmm(R, self.R.mT).mul_(at).reshape(B, -1).sum(1)
 
     def direct(self) -> Tensor:
         B, _, d = self.R.shape
@@ -127,10 +181,28 @@ class _Dense:
     D: Tensor
 
     def sq(self) -> Tensor:
-        return self.D.reshape(self.D.shape[0], -1).square().sum(1)
+        return _sqsum(self.D)
 
     def direct(self) -> Tensor:
         return self.D
+
+
+def _inner(P: Any, Q: Any) -> Tensor:
+    """Per-example ``<P_i, Q_i>`` of two calls' per-example gradients of one parameter (factored where it can)."""
+    if isinstance(P, _Outer) and isinstance(Q, _Index):
+        P, Q = Q, P
+    if isinstance(P, _Index) and isinstance(Q, _Index):
+        T, T2 = P.idx.shape[1], Q.idx.shape[1]
+        if T * T2 <= P.shape[0] * P.shape[1]:
+            return P.cross(Q)
+    if isinstance(P, _Index) and isinstance(Q, _Outer) and Q.L.shape[1] == 1 and len(Q.shape) == 2:
+        return P.cross_outer(Q)
+    if isinstance(P, _Outer) and isinstance(Q, _Outer) and P.L.shape[1:2] == Q.L.shape[1:2]:
+        (_, _, T, r), T2, c = P.L.shape, Q.L.shape[2], P.R.shape[-1]
+        if Q.L.shape[-1] == r and Q.R.shape[-1] == c and T * T2 * (r + c) < (T + T2 + _WRITE) * r * c:
+            return P.cross(Q)
+    d = P.direct()
+    return (d.reshape(d.shape[0], 1, -1) @ Q.direct().reshape(d.shape[0], -1, 1)).reshape(-1)
 
 
 def _to_front(t: Tensor, dim: int) -> Tensor:
@@ -167,7 +239,8 @@ class _Pass:
     batch: int | None = None
     uses: dict[int, int] = field(default_factory=dict)  # watched index -> calls in this pass
     sq: Tensor | None = None
-    bufs: dict[int, Tensor] = field(default_factory=dict)  # per-example gradients of parameters used more than once
+    bufs: dict[int, Tensor] = field(default_factory=dict)  # per-example gradients of parameters used many times
+    held: dict[int, list[Any]] = field(default_factory=dict)  # factored parts of parameters used a few times
     backward: bool = False
 
 
@@ -199,7 +272,11 @@ class PerExampleNorms(Contributor):
     ghost identity or directly, whichever is cheaper for the shape (see the
     module docstring); a parameter used by several calls (tied embeddings, a
     layer applied at every time step) has its per-example gradients summed
-    over the calls before the norm. Other parameters with a gradient are
+    over the calls before the norm -- for up to 4 calls by cross terms of
+    their factors (``||sum_m G_m||^2 = sum_m ||G_m||^2 + 2 sum_{m<m'} <G_m,
+    G_m'>``; a tied embedding against its output layer gathers the output
+    gradient at the looked-up tokens), with more by materialising them.
+    Other parameters with a gradient are
     named in one warning and left out (see ``"example.covered"``).
 
     The modules are found by the parameters the watch watches: one global
@@ -220,8 +297,9 @@ class PerExampleNorms(Contributor):
     matrices (``B T^2`` numbers) or the per-example gradient (``B`` times the
     parameter) -- the smaller in flops -- exist only during that module's
     backward, so the extra memory is bounded by one layer at a time, plus, for
-    a parameter used by several calls, ``B`` times that parameter until the
-    pass ends. A convolution's input is unfolded (``prod(kernel)`` times its
+    a parameter used by 2 to 4 calls, each call's input and output gradient
+    until its last call's backward (more calls: ``B`` times that parameter
+    until the pass ends). A convolution's input is unfolded (``prod(kernel)`` times its
     activation). The inputs are the tensors autograd keeps anyway.
 
     Args:
@@ -457,19 +535,32 @@ class PerExampleNorms(Contributor):
                 if i in self._excluded:
                     continue
                 self._seen.add(i)
-                if p.uses.get(i, 0) > 1:  # several calls: sum their per-example gradients first
+                n = p.uses.get(i, 0)
+                if n > _PAIRWISE:  # many calls: sum their per-example gradients first
                     d = part.direct()
                     p.bufs[i] = d if i not in p.bufs else p.bufs[i].add_(d)
-                else:
-                    s = part.sq().to(self._acc)
-                    p.sq = s if p.sq is None else p.sq.add_(s)
+                    continue
+                s = part.sq() if n < 2 else self._shared(i, part, n)
+                s = s.to(self._acc)
+                p.sq = s if p.sq is None else p.sq.add_(s)
+
+    def _shared(self, i: int, part: Any, n: int) -> Tensor:
+        """One of ``n`` calls of a parameter: ``||sum_m G_m||^2 = sum_m ||G_m||^2 + 2 sum_{m<m'} <G_m, G_m'>``."""
+        held = self._pass.held.setdefault(i, [])
+        s = part.sq()
+        for q in held:
+            s = s.add(_inner(q, part), alpha=2.0)
+        held.append(part)
+        if len(held) == n:  # its last call: the factors are no longer needed
+            del self._pass.held[i]
+        return s
 
     def _end_pass(self) -> None:
         p = self._pass
         if p.backward:
             with torch.no_grad():
                 for buf in p.bufs.values():
-                    s = buf.reshape(buf.shape[0], -1).square().sum(1).to(self._acc)
+                    s = _sqsum(buf).to(self._acc)
                     p.sq = s if p.sq is None else p.sq.add_(s)
             if p.sq is not None and p.batch is not None:
                 self._step.append((p.sq, p.batch))

@@ -37,7 +37,6 @@ Skipping
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -345,15 +344,3 @@ class OptimizerGate:
             )
         for opt in opts:
             unscale_once(scaler, opt)
-
-
-def warn_unwatched(names: list[str]) -> None:
-    """The one-time warning about parameters that get gradients but are not watched."""
-    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-    warnings.warn(
-        f"gradwatch: {len(names)} parameter(s) receive gradients but are not watched or clipped "
-        f"({shown}): they were frozen or not in the model when the GradWatch was built. "
-        "Build the GradWatch after unfreezing / adding parameter groups.",
-        UserWarning,
-        stacklevel=3,
-    )

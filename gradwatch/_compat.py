@@ -7,6 +7,7 @@ A torch upgrade that changes one of these fails here, in the one test per shim
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
+    "FSDPParamRef",
     "TorchDispatchMode",
     "flatten_cat",
     "foreach_clamp_",
@@ -23,6 +25,7 @@ __all__ = [
     "foreach_norm",
     "foreach_sub_",
     "found_inf_safe",
+    "fsdp_param_refs",
     "is_dtensor",
     "module_parameter",
     "reduced_after_hooks",
@@ -195,6 +198,70 @@ def module_parameter(module: torch.nn.Module, key: str) -> Tensor | None:
     attribute of that name, and ``get_parameter`` walks a path and raises.
     """
     return module._parameters.get(key)
+
+
+# -- FSDP2 (fully_shard) --------------------------------------------------------------
+@dataclass(frozen=True)
+class FSDPParamRef:
+    """A parameter sharded by ``fully_shard`` (FSDP2, HSDP), as :func:`fsdp_param_refs` finds it.
+
+    Attributes:
+        modules: the modules ``fully_shard`` was applied to that manage it: their
+            forward unshards it (creating its unsharded parameter the first time).
+        tensor_parallel: it was a DTensor before ``fully_shard`` sharded it
+            (tensor parallel, an SPMD mesh): its unsharded parameter is a DTensor too.
+    """
+
+    modules: tuple[torch.nn.Module, ...]
+    tensor_parallel: bool
+    fsdp_param: Any = field(repr=False)
+
+    def unsharded(self) -> Tensor | None:
+        """The unsharded parameter (``FSDPParam._unsharded_param``), None before the first all-gather.
+
+        The ``nn.Parameter`` FSDP2 puts into the module for forward and
+        backward: created at the first all-gather, then kept (its storage is
+        freed and refilled), so its gradient in a backward call is this rank's
+        unsharded local gradient, before FSDP2 reduce-scatters it.
+        """
+        return getattr(self.fsdp_param, "_unsharded_param", None)
+
+
+def _fsdp_states() -> list[tuple[Any, tuple[torch.nn.Module, ...]]]:
+    """Every live ``fully_shard`` state in this process with the modules it manages.
+
+    Reads ``torch.distributed._composable_state._module_state_mapping`` (module ->
+    weak reference to its state), where ``fully_shard`` registers each module.
+    """
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # pragma: no cover - torch built without distributed support
+        return []
+    found: dict[int, tuple[Any, list[torch.nn.Module]]] = {}
+    for module, ref in list(_module_state_mapping.items()):
+        state = ref()
+        if state is not None and hasattr(state, "_fsdp_param_groups"):
+            found.setdefault(id(state), (state, []))[1].append(module)
+    return [(state, tuple(modules)) for state, modules in found.values()]
+
+
+def fsdp_param_refs(params: Sequence[Tensor]) -> list[FSDPParamRef | None]:
+    """Per parameter, its :class:`FSDPParamRef` if it is a sharded parameter of a ``fully_shard`` module, else None.
+
+    Matches ``params`` by identity against ``FSDPParam.sharded_param`` of every
+    ``FSDPParamGroup`` (``FSDPState._fsdp_param_groups``) of every live
+    ``fully_shard`` state, so no module is needed.
+
+    Example:
+        >>> fsdp_param_refs([torch.nn.Parameter(torch.zeros(2))])
+        [None]
+    """
+    refs: dict[int, FSDPParamRef] = {}
+    for state, modules in _fsdp_states():
+        for group in state._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                refs[id(fp.sharded_param)] = FSDPParamRef(modules, bool(fp.is_dtensor), fp)
+    return [refs.get(id(p)) for p in params]
 
 
 # -- data-parallel engines --------------------------------------------------------------

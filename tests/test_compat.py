@@ -149,3 +149,34 @@ def test_accumulator_probe_sees_a_held_gradient_accumulator():
     del held
     assert not _compat._accumulator_held(p)
     assert _compat.reduced_after_hooks([p]) == [False]  # no process group: nothing reduces
+
+
+def test_fsdp_param_refs_find_the_unsharded_parameter_after_the_first_forward(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        params = list(model.parameters())
+        refs = _compat.fsdp_param_refs([*params, torch.nn.Parameter(torch.zeros(1))])
+        assert refs[-1] is None  # not sharded by fully_shard
+        assert [r.modules for r in refs[:-1]] == [(model[0],)] * 2 + [(model,)] * 2
+        assert not any(r.tensor_parallel for r in refs[:-1])
+        assert all(r.unsharded() is None for r in refs[:-1])  # before the first all-gather
+        model(torch.ones(5, 3))  # the first forward creates the unsharded parameters
+        unsharded = [r.unsharded() for r in refs[:-1]]
+        assert all(isinstance(u, torch.nn.Parameter) and not _compat.is_dtensor(u) for u in unsharded)
+        assert [u.shape for u in unsharded] == [p.shape for p in params]
+        seen = {}
+        for i, u in enumerate(unsharded):  # a tensor hook on it sees the gradient of each backward call
+            u.register_hook(lambda g, i=i: seen.__setitem__(i, g.clone()))
+        model(torch.ones(5, 3)).sum().backward()
+        assert all(r.unsharded() is u for r, u in zip(refs, unsharded))  # kept, not re-created
+        for i, p in enumerate(params):  # one rank: the reduce-scattered gradient is the unsharded one
+            assert torch.equal(seen[i], p.grad.full_tensor())
+    finally:
+        dist.destroy_process_group()

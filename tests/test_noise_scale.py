@@ -376,16 +376,6 @@ def ddp_k2_amp(rank: int, world: int) -> dict:
     return _ddp_run(rank, world, 2, amp=True)
 
 
-def fsdp2_refused(rank: int, world: int) -> str:
-    from _dist_harness import fsdp2_mlp, mesh
-
-    try:
-        gw.GradWatch(fsdp2_mlp(mesh((world,))), stats=[gw.NoiseScale(batch_size=2)])
-    except NotImplementedError as e:
-        return str(e)
-    return "built"
-
-
 def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
     """One process over all world x k micro-batches: their gradients stored, SGD on their mean."""
     from _dist_harness import MLP, batch
@@ -407,7 +397,7 @@ def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
 def ddp_results():
     from _dist_harness import run_scenarios
 
-    return run_scenarios([ddp_k1, ddp_k2, ddp_k2_amp, fsdp2_refused], 2)
+    return run_scenarios([ddp_k1, ddp_k2, ddp_k2_amp], 2)
 
 
 @pytest.mark.parametrize(("name", "k"), [("ddp_k1", 1), ("ddp_k2", 2), ("ddp_k2_amp", 2)])
@@ -421,8 +411,134 @@ def test_ddp_two_ranks_equal_the_single_process_reference(ddp_results, name, k):
     assert r0["collectives"] == [1] * STEPS  # one all-reduce of two numbers per step, nothing else
 
 
-def test_fsdp2_is_refused(ddp_results):
+# --------------------------------------------------------------------------- FSDP2 (2 gloo ranks) and HSDP (2 x 2)
+
+
+def _fsdp2_run(
+    rank: int, world: int, k: int, shape: tuple[int, ...], no_sync: bool = False, warm: bool = False
+) -> dict:
+    """As :func:`_ddp_run` on :func:`fsdp2_mlp` (1-D mesh: FSDP2, 2-D: HSDP); ``no_sync``: the
+    non-final micro-batches under ``set_requires_gradient_sync(False)`` (accumulated unsharded);
+    ``warm``: the watch is built after a forward (the unsharded parameters exist already)."""
+    from _dist_harness import batch, fsdp2_mlp, loss_fn, mesh
+
+    from gradwatch.distributed import count_collectives
+
+    names = ("replicate", "shard") if len(shape) == 2 else None
+    model = fsdp2_mlp(mesh(shape, names))
+    if warm:
+        with torch.no_grad():
+            model(batch(0)[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    noise = gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)
+    watch = gw.GradWatch(model, stats=[noise]).attach(opt)
+    # before the first forward nothing is unsharded: a forward hook on up, down and head waits for it
+    assert (len(noise._handles), len(noise._forward_handles)) == ((6, 0) if warm else (0, 3))
+    collectives = []
+    for step in range(STEPS):
+        x, y = batch(step, n=world * k * DDP_BS)
+        mine = list(zip(x.split(DDP_BS), y.split(DDP_BS)))[rank * k : (rank + 1) * k]
+        opt.zero_grad()
+        for j, (xb, yb) in enumerate(mine):
+            if no_sync:
+                model.set_requires_gradient_sync(j == k - 1)
+            (loss_fn(model, xb, yb) / k).backward()
+        with count_collectives() as c:  # the watch runs in the optimizer's step pre-hook
+            opt.step()
+        collectives.append(c["all_reduce"])
+    hooked = (len(noise._handles), len(noise._forward_handles), len(noise._pending))
+    h = watch.history
+    watch.close()
+    return {"stats": {key: h.stats[key] for key in h.stats}, "collectives": collectives, "hooked": hooked}
+
+
+def fsdp2_k1(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 1, (world,))
+
+
+def fsdp2_k2(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 2, (world,))
+
+
+def fsdp2_k2_no_sync(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 2, (world,), no_sync=True)
+
+
+def fsdp2_k2_warm(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 2, (world,), warm=True)
+
+
+def _refused(model) -> str:
+    try:
+        gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=2)])
+    except NotImplementedError as e:
+        return str(e)
+    return "built"
+
+
+def tp_refused(rank: int, world: int) -> str:
+    from _dist_harness import mesh, tp_mlp
+
+    return _refused(tp_mlp(mesh((world,))))
+
+
+def fsdp_tp_refused(rank: int, world: int) -> str:
+    from _dist_harness import fsdp_tp_mlp, mesh
+
+    return _refused(fsdp_tp_mlp(mesh((1, world), ("dp", "tp"))))
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results():
+    from _dist_harness import run_scenarios
+
+    return run_scenarios([fsdp2_k1, fsdp2_k2, fsdp2_k2_no_sync, fsdp2_k2_warm, tp_refused, fsdp_tp_refused], 2)
+
+
+def _check_fsdp(per_rank: list[dict], world: int, k: int) -> None:
+    """Every rank's row identical, equal to the single-process reference over all ``world * k`` micro-batches."""
+    r0 = per_rank[0]
+    for r in per_rank[1:]:
+        for key in ("noise.grad_sq", "noise.trace", "noise.b_simple"):
+            np.testing.assert_array_equal(r["stats"][key], r0["stats"][key])
+    ref = ddp_reference(world, k)
+    for key in ("grad_sq", "trace", "b_simple"):
+        np.testing.assert_allclose(r0["stats"][f"noise.{key}"], ref[key], rtol=1e-5)
+    # the watch's norms (one all-reduce over the mesh) and NoiseScale's two numbers: nothing else
+    assert all(r["collectives"] == [2] * STEPS for r in per_rank)
+    assert all(r["hooked"] == (6, 0, 0) for r in per_rank)  # 6 unsharded parameters hooked, forward hooks gone
+
+
+@pytest.mark.parametrize(
+    ("name", "k"), [("fsdp2_k1", 1), ("fsdp2_k2", 2), ("fsdp2_k2_no_sync", 2), ("fsdp2_k2_warm", 2)]
+)
+def test_fsdp2_two_ranks_equal_the_single_process_reference(fsdp2_results, name, k):
     from _dist_harness import result_of
 
-    for message in result_of(ddp_results, "fsdp2_refused"):
-        assert "FSDP2" in message and "DTensor" in message
+    _check_fsdp(result_of(fsdp2_results, name), 2, k)
+
+
+@pytest.mark.parametrize("name", ["tp_refused", "fsdp_tp_refused"])
+def test_tensor_parallel_is_refused(fsdp2_results, name):
+    from _dist_harness import result_of
+
+    for message in result_of(fsdp2_results, name):
+        assert message.startswith("NoiseScale supports parameters on one process, under DDP, and sharded by")
+        assert "tensor parallel" in message and "parameter 'up.weight'" in message
+
+
+def hsdp_k2_no_sync(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 2, (2, 2), no_sync=True)
+
+
+def hsdp_k1(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 1, (2, 2))
+
+
+def test_hsdp_two_by_two_equals_the_single_process_reference():
+    """HSDP on a 2 x 2 (replicate x shard) mesh: R = 4 ranks, n = 4 K micro-batches."""
+    from _dist_harness import result_of, run_scenarios
+
+    results = run_scenarios([hsdp_k1, hsdp_k2_no_sync], 4)
+    _check_fsdp(result_of(results, "hsdp_k1"), 4, 1)
+    _check_fsdp(result_of(results, "hsdp_k2_no_sync"), 4, 2)

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradwatch._compat import scale_of
+from gradwatch._compat import FSDPParamRef, fsdp_param_refs, scale_of
 from gradwatch._validate import check_float, check_int
 from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
-from gradwatch.distributed import check_process_group, is_dtensor
+from gradwatch.distributed import _mesh_group, check_process_group, is_dtensor
 from gradwatch.norms import accumulation_dtype, sparse_values
 
 __all__ = ["NoiseScale"]
@@ -62,6 +62,45 @@ def _total_square(squares: list[Tensor], norms: list[Tensor], zero: Tensor) -> T
     return out
 
 
+_SUPPORTED = (
+    "NoiseScale supports parameters on one process, under DDP, and sharded by fully_shard (FSDP2 on a 1-D "
+    "mesh, HSDP on a 2-D replicate x shard mesh), not tensor parallelism (DTensor parameters on a tensor-parallel "
+    "mesh, with or without fully_shard): its hooks would see shards of the micro-batch gradients"
+)
+
+
+def _fsdp_refs(names: list[str], params: list[Tensor]) -> list[FSDPParamRef] | None:
+    """None without DTensor parameters; else every parameter's ``fully_shard`` reference.
+
+    Raises:
+        NotImplementedError: a parameter is tensor parallel (a DTensor not sharded by
+            ``fully_shard``, or one it sharded further), a plain tensor next to sharded
+            ones, or the parameters are sharded over different sets of ranks.
+    """
+    if not any(is_dtensor(p) for p in params):
+        return None
+    refs = fsdp_param_refs(params)
+    for name, p, ref in zip(names, params, refs):
+        why = None
+        if ref is None:
+            why = (
+                "a DTensor that fully_shard did not shard (tensor parallel, or another DTensor engine)"
+                if is_dtensor(p)
+                else "a plain tensor next to parameters sharded by fully_shard (build the watch before the "
+                "first forward, with every trainable parameter under fully_shard)"
+            )
+        elif ref.tensor_parallel:
+            why = "a DTensor that fully_shard sharded further (tensor parallel + FSDP2)"
+        if why is not None:
+            raise NotImplementedError(f"{_SUPPORTED}; parameter {name!r} is {why}")
+    if len({frozenset(p.device_mesh.mesh.flatten().tolist()) for p in params}) > 1:
+        raise NotImplementedError(
+            "NoiseScale: the parameters are sharded by fully_shard over different sets of ranks (per-parameter "
+            "meshes): their micro-batch gradients are averaged over different numbers of ranks"
+        )
+    return [r for r in refs if r is not None]
+
+
 class NoiseScale(Contributor):
     r"""The gradient noise scale ``B_simple = tr(Σ)/|G|²`` at every recorded step, sync-free.
 
@@ -89,12 +128,13 @@ class NoiseScale(Contributor):
       ``E_0 = x_0``, over the recorded steps whose ``grad_sq`` and ``trace`` are
       both finite (the others leave the averages as they were).
 
-    **How the gradients are read.** A tensor hook on every parameter receives
+    **How the gradients are read.** A tensor hook on every parameter (its
+    unsharded parameter under FSDP2, see below) receives
     ``c_j``, the gradient that backward call adds to ``.grad`` -- before it is
     added, so no copy is kept: one ``dot(c_j, c_j)`` (or ``vector_norm(c_j)``
     for half precision and strided views) per parameter per backward call,
     summed at the step. ``G_big`` is the step's gradient ``g`` as the watch
-    measures it (pre-clip, AMP-unscaled, after DDP's averaging), so
+    measures it (pre-clip, AMP-unscaled, after DDP's or FSDP2's averaging), so
     ``b2 = total²``; each micro-batch gradient is taken in the same units,
     ``G_j = K·c_j/S`` where ``S`` is the factor between the hooks' gradients
     and ``g``: 1 without a ``GradScaler``, with one its scale (the device
@@ -111,11 +151,23 @@ class NoiseScale(Contributor):
     step's three columns are NaN and a warning, given once, says why.
 
     Under ``torch.distributed`` the gradients are assumed to be averaged over
-    ``process_group`` (DDP); the local sums and the backward counts go into one
-    all-reduce of two numbers per step (none with one rank), so every rank
-    records the same row. DTensor parameters (FSDP2, HSDP, tensor parallel)
-    are not supported (``NotImplementedError`` when the watch is built). Hooks skip their work on
-    steps the watch does not record (``every > 1``).
+    the ``R`` ranks of the data-parallel group (DDP, FSDP2 and HSDP do that);
+    the local sums and the backward counts go into one all-reduce of two
+    numbers per step over that group (none with one rank), so every rank
+    records the same row. Under FSDP2 and HSDP (``fully_shard`` on a 1-D mesh,
+    or a 2-D replicate x shard mesh) the watched parameters are sharded
+    DTensors, and the hooks go on their *unsharded* parameters -- the
+    ``nn.Parameter`` FSDP2 puts into the module for forward and backward, which
+    exists from the first forward (its all-gather) on: a forward hook on the
+    ``fully_shard`` modules registers them then, before the first backward,
+    and goes away. Its gradient is this rank's full micro-batch gradient
+    ``c_j`` before the reduce-scatter (or before it is accumulated unsharded
+    under ``set_requires_gradient_sync(False)``); ``R`` is the size of the whole
+    mesh (replicate x shard) and ``b2`` the watch's total, already reduced over
+    it. Tensor parallelism (DTensor parameters on a tensor-parallel mesh, with
+    or without ``fully_shard``) is not supported: ``NotImplementedError`` when
+    the watch is built. Hooks skip their work on steps the watch does not
+    record (``every > 1``).
 
     Columns (``History.stats``): ``"noise.grad_sq"``, ``"noise.trace"``,
     ``"noise.b_simple"``, one float per recorded step.
@@ -125,8 +177,10 @@ class NoiseScale(Contributor):
         alpha: the weight of the past in the moving averages, in ``[0, 1)``
             (0: ``b_simple`` is the step's own ratio).
         process_group: the data-parallel group the gradients are averaged
-            over; default: the world group when ``torch.distributed`` is
-            initialised, else none.
+            over (a ``ProcessGroup`` or a 1-D ``DeviceMesh``); default: under
+            FSDP2/HSDP the parameters' whole mesh (the world group when it
+            spans every rank), else the world group when ``torch.distributed``
+            is initialised, else none.
 
     Raises:
         TypeError: ``batch_size`` is not an integer, ``alpha`` not a number,
@@ -160,6 +214,9 @@ class NoiseScale(Contributor):
         self.process_group = check_process_group(process_group)
         self._hot, self._boundary = True, False
         self._handles: list[Any] = []
+        self._forward_handles: list[Any] = []
+        self._pending: dict[int, FSDPParamRef] = {}
+        self._mesh: Any = None
         self._matrices: dict[int, Tensor] = {}
         self._warned = False
         self._ema: Tensor | None = None
@@ -177,17 +234,18 @@ class NoiseScale(Contributor):
         self._boundary = True  # what the hooks saw so far belongs to the step that just ran
 
     def bind(self, binding: Binding) -> None:
-        """Register one tensor hook per parameter.
+        """Register one tensor hook per parameter (under FSDP2/HSDP: on its unsharded parameter, at its first forward).
 
         Raises:
-            NotImplementedError: DTensor parameters (FSDP2, HSDP, tensor parallel).
+            NotImplementedError: tensor-parallel DTensor parameters (with or without
+                ``fully_shard``), plain parameters next to ``fully_shard``-ed ones, or
+                parameters sharded over different sets of ranks; the message names
+                what is supported (one process, DDP, FSDP2, HSDP).
+            ValueError: ``process_group`` given without ``torch.distributed`` initialised.
         """
         super().bind(binding)
-        if any(is_dtensor(p) for p in binding.params):
-            raise NotImplementedError(
-                "NoiseScale does not support DTensor parameters (FSDP2, HSDP, tensor parallel) yet: its hooks "
-                "would see shard-local gradients; use it with DDP or on one process"
-            )
+        refs = _fsdp_refs(binding.names, binding.params)
+        self._mesh = binding.params[0].device_mesh if refs is not None else None
         self._world = self._world_size()
         self._scaler = getattr(binding, "scaler", None) if binding.amp else None
         dev, dt = binding.device, binding.dtype
@@ -197,19 +255,50 @@ class NoiseScale(Contributor):
         self._matrices = {}
         self._reset()
         self.close()
-        for i, p in enumerate(binding.params):
-            self._handles.append(p.register_hook(self._contribution_hook(i)))
+        if refs is None:
+            for i, p in enumerate(binding.params):
+                self._handles.append(p.register_hook(self._contribution_hook(i)))
+        else:
+            self._hook_unsharded(refs)
+
+    def _hook_unsharded(self, refs: list[FSDPParamRef]) -> None:
+        """Hook each unsharded parameter once it exists: now, or after a forward of a module that manages it.
+
+        FSDP2 creates a parameter's unsharded ``nn.Parameter`` at its first
+        all-gather (in the forward pre-hook of its ``fully_shard`` module) and
+        keeps it; a forward hook on those modules hooks it before its first
+        backward, and the forward hooks go once every parameter is hooked.
+        """
+        self._pending = dict(enumerate(refs))
+        modules = {id(m): m for r in refs for m in r.modules}
+        self._forward_handles = [m.register_forward_hook(self._hook_ready) for m in modules.values()]
+        self._hook_ready()
+
+    def _hook_ready(self, *_: Any) -> None:
+        """Register the tensor hooks of the pending unsharded parameters that exist now."""
+        for i, ref in list(self._pending.items()):
+            unsharded = ref.unsharded()
+            if unsharded is not None:
+                self._handles.append(unsharded.register_hook(self._contribution_hook(i)))
+                del self._pending[i]
+        if not self._pending:
+            for h in self._forward_handles:
+                h.remove()
+            self._forward_handles = []
 
     def _world_size(self) -> int:
+        """``R`` (1 without ``torch.distributed``); sets the group the step's all-reduce runs over."""
+        self._dp_group: Any = None
         if not (dist.is_available() and dist.is_initialized()):
             if self.process_group is not None:
                 raise ValueError("NoiseScale(process_group=...) needs torch.distributed to be initialised")
             return 1
-        return dist.get_world_size(self._group())
-
-    def _group(self) -> Any:
         pg = self.process_group
-        return pg.get_group() if hasattr(pg, "get_group") else pg  # a 1-D DeviceMesh, a ProcessGroup or None
+        if pg is None and self._mesh is not None:  # FSDP2 / HSDP: all of the parameters' mesh
+            self._dp_group = _mesh_group(self._mesh, tuple(range(self._mesh.ndim)))
+        else:  # a 1-D DeviceMesh, a ProcessGroup or None (the world)
+            self._dp_group = pg.get_group() if hasattr(pg, "get_group") else pg
+        return dist.get_world_size(self._dp_group)
 
     def _reset(self) -> None:
         """Forget the hooks' values: a new step begins."""
@@ -248,7 +337,7 @@ class NoiseScale(Contributor):
         b2 = view.total * view.total
         if self._world > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
             t = torch.stack([sq, torch.full((), float(k_local), device=sq.device, dtype=sq.dtype)])
-            dist.all_reduce(t, group=self._group())
+            dist.all_reduce(t, group=self._dp_group)
             x = self._estimates(*t.unbind(), b2)
         elif k_local < 2:
             self._warn_once(k_local)
@@ -330,9 +419,9 @@ class NoiseScale(Contributor):
 
     def close(self) -> None:
         """Remove the hooks."""
-        for h in self._handles:
+        for h in (*self._handles, *self._forward_handles):
             h.remove()
-        self._handles = []
+        self._handles, self._forward_handles, self._pending = [], [], {}
 
     def __repr__(self) -> str:
         return f"NoiseScale(batch_size={self.batch_size}, alpha={self.alpha})"

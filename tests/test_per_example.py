@@ -150,9 +150,25 @@ def test_parameters_used_several_times_match_torch_func():
     np.testing.assert_allclose(h.stats["example.covered"], [1.0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 31, 64, 96, 101, 128, 256])
+@pytest.mark.parametrize("plus", [0.0, 1.0])
+def test_factored_square_norms_against_materialised_gradients(T, plus):
+    """Every path of the weight(+bias) rule -- one position, full or lower-triangle Gram matrices, direct."""
+    from gradwatch.stats.examples import _blocks, _factored_sq, _sym_ghost
+
+    torch.manual_seed(T)
+    N, r, c = 3, 24, 40
+    L, R = torch.randn(N, T, r), torch.randn(N, T, c)
+    Rp = torch.cat([R, torch.full((N, T, 1), plus**0.5)], -1).double()
+    ref = (L.double().mT @ Rp).square().sum((1, 2))  # ||L^T [R, sqrt(plus)]||^2, materialised
+    assert _blocks(T) == {64: 2, 96: 2, 128: 4, 256: 8}.get(T, 1)
+    torch.testing.assert_close(_sym_ghost(L, R, plus).double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(_factored_sq(L, R, plus).double(), ref, rtol=1e-5, atol=0)
+
+
 def test_long_sequences_lower_triangle_ghost_norms():
     model, B = nn.Sequential(nn.Linear(192, 192), nn.Tanh(), nn.Linear(192, 3)), 3  # T >= 64: blocked Gram matrices
-    for T in (64, 101):  # 2 blocks; 4 blocks, the last narrower
+    for T in (64, 101):  # 2 diagonal blocks; odd: the full Gram matrices
         x = torch.randn(B, T, 192)
         ref = reference(model, lambda p, xi: call(model, p, xi).square().mean() / B, x)
         h = measured(model, lambda x=x: model(x).square().mean(0).mean().backward())

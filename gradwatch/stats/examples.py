@@ -26,6 +26,7 @@ identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -74,10 +75,12 @@ def _kind(module: nn.Module) -> str | None:
 
 #: the per-element cost, in multiply-adds, of materialising a per-example gradient (write it, read it back)
 _WRITE = 8
-#: a ghost norm over T >= _SYM positions computes the lower triangle of its Gram matrices in about 4 column
-#: blocks of a multiple of 32 positions (5/8 of the multiply-adds); on CPU it costs about _SYM_COST of the full
-#: Gram matrices (blocks of other widths run slower)
-_SYM, _SYM_COST = 64, 0.8
+#: a ghost norm over T >= _SYM positions computes only the lower triangle of its Gram matrices, as diagonal
+#: blocks of at least _SYM // 2 positions plus the off-diagonal blocks below them, halving recursively
+#: (smaller blocks multiply less efficiently than they save)
+_SYM = 64
+#: a module not classified yet (``None`` in the cache: not covered)
+_UNSEEN: Any = object()
 #: a parameter used by at most this many calls of a pass gets its norm from cross terms of their factors
 _PAIRWISE = 4
 
@@ -93,37 +96,102 @@ def _ghost(L: Tensor, R: Tensor, L2: Tensor, R2: Tensor) -> Tensor:
     return torch.bmm(L, L2.mT).mul_(torch.bmm(R, R2.mT)).sum((1, 2))
 
 
-def _sym_ghost(L: Tensor, R: Tensor) -> Tensor:
-    """``_ghost(L, R, L, R)`` from the lower triangle: column blocks, off-diagonal entries counted twice."""
-    T = L.shape[1]
-    b = 32 * -(-T // 128)
-    out = None
-    for j in range(0, T, b):
-        k = min(j + b, T)
-        a = torch.bmm(L[:, j:], L[:, j:k].mT).mul_(torch.bmm(R[:, j:], R[:, j:k].mT))  # rows j.., columns j..k
-        s = a.sum((1, 2)).mul_(2.0).sub_(a[:, : k - j].sum((1, 2)))  # the diagonal block once
-        out = s if out is None else out.add_(s)
+@functools.cache
+def _blocks(T: int) -> int:
+    """How many diagonal blocks the lower triangle of a ``T x T`` Gram matrix is cut into (1: the full matrix)."""
+    m = 1
+    while T % (2 * m) == 0 and T // (2 * m) >= _SYM // 2:
+        m *= 2
+    return m
+
+
+@functools.cache
+def _sym_fraction(T: int) -> float:
+    """The share of the full Gram matrices' multiply-adds that :func:`_sym_ghost` computes for ``T`` positions."""
+    m = _blocks(T)
+    return 1.0 / m + sum(1.0 / (4 * k) for k in (2**i for i in range(m.bit_length() - 1)))
+
+
+def _block_product(L: Tensor, R: Tensor, k: int, plus: float) -> Tensor:
+    """Per-example sums of ``(L L^T + plus) * (R R^T)`` over the ``k`` blocks below the diagonal at one level."""
+    N, T = L.shape[:2]
+    Lv, Rv = L.reshape(N * k, T // k, -1), R.reshape(N * k, T // k, -1)
+    h = T // (2 * k)
+    a = torch.bmm(Rv[:, h:], Rv[:, :h].mT)
+    if plus:
+        a.add_(plus)
+    return a.mul_(torch.bmm(Lv[:, h:], Lv[:, :h].mT)).reshape(N, -1).sum(1)
+
+
+def _sym_ghost(L: Tensor, R: Tensor, plus: float = 0.0) -> Tensor:
+    """``sum_{t,s} (L_t . L_s) (R_t . R_s + plus)`` for each of ``N`` from the lower triangle of the Gram matrices.
+
+    The ``T`` positions are cut into ``m`` diagonal blocks (:func:`_blocks`; the
+    full matrices, ``m = 1``, below ``T = 64``); the
+    blocks below the diagonal are taken level by level (the lower-left half,
+    then the lower-left quarter of each half, ...), each level one batched
+    product per factor, and counted twice. ``plus`` adds a constant column
+    ``sqrt(plus)`` to ``R`` (a bias: ``||sum_t L_t||^2`` is the bias's square norm).
+    """
+    N, T = L.shape[:2]
+    m = _blocks(T)
+    Ld, Rd = L.reshape(N * m, T // m, -1), R.reshape(N * m, T // m, -1)
+    diag = torch.bmm(Rd, Rd.mT)
+    if plus:
+        diag.add_(plus)
+    out = diag.mul_(torch.bmm(Ld, Ld.mT)).reshape(N, -1).sum(1)
+    k = 1
+    while k < m:
+        out.add_(_block_product(L, R, k, plus), alpha=2.0)
+        k *= 2
     return out
+
+
+def _factored_sq(L: Tensor, R: Tensor, plus: float = 0.0) -> Tensor:
+    """``||L_n^T [R_n, sqrt(plus)]||_F^2`` for each of ``N`` (``L``: ``[N, T, r]``, ``R``: ``[N, T, c]``).
+
+    The per-example gradient of a weight (``sum_t L_t R_t^T``) with, for
+    ``plus = 1``, its bias (``sum_t L_t``): by ``||L||^2 ||R||^2`` for one
+    position, by the ghost norm when its multiply-adds are fewer, else
+    materialised.
+    """
+    T, r = L.shape[1:]
+    c = R.shape[-1]
+    if T == 1:
+        rr = R.square().sum((1, 2))
+        if plus:
+            rr.add_(plus)
+        return rr.mul_(L.square().sum((1, 2)))
+    if T * T * (r + c) * _sym_fraction(T) < (T + _WRITE) * r * c:
+        return _sym_ghost(L, R, plus)
+    out = _sqsum(torch.bmm(L.mT, R))
+    return out.add_(_sqsum(L.sum(1)), alpha=plus) if plus else out
+
+
+def _gather_rows(L: Tensor, idx: Tensor) -> Tensor:
+    """``L[b, s, idx[b, t]]`` ``[B, T', T]`` (``L``: ``[B, T', V]``, ``idx``: ``[B, T]``)."""
+    B, T2 = L.shape[:2]
+    return torch.gather(L, 2, idx.long()[:, None, :].expand(B, T2, -1))
 
 
 @dataclass
 class _Outer:
-    """Per-example gradient ``L_i^T R_i`` per group (``L``: ``[B, G, T, r]``, ``R``: ``[B, G, T, c]``)."""
+    """Per-example gradient ``L_i^T R_i`` per group (``L``: ``[B, G, T, r]``, ``R``: ``[B, G, T, c]``).
 
-    L: Tensor
+    ``gathered``: for a tied output layer (``L`` its output gradient over a
+    vocabulary), ``L`` already gathered at the indices of lookups of the same
+    table, by the lookup's key; then ``L`` itself may be dropped (None).
+    """
+
+    L: Tensor | None
     R: Tensor
     shape: torch.Size
+    gathered: dict[int, Tensor] = field(default_factory=dict)
 
     def sq(self) -> Tensor:
-        B, _, T, r = self.L.shape
-        c = self.R.shape[-1]
-        if T == 1:  # one position: ||a||^2 ||g||^2
-            return (self.L.square().sum(-1) * self.R.square().sum(-1)).reshape(B, -1).sum(1)
-        ghost = T * T * (r + c) * (_SYM_COST if T >= _SYM else 1.0)
-        if ghost < (T + _WRITE) * r * c:  # ghost norm: two T x T Gram matrices (symmetric)
-            L, R = self.L.reshape(-1, T, r), self.R.reshape(-1, T, c)
-            return (_sym_ghost(L, R) if T >= _SYM else _ghost(L, R, L, R)).reshape(B, -1).sum(1)
-        return _sqsum(self.direct())
+        B, G, T, r = self.L.shape
+        s = _factored_sq(self.L.reshape(B * G, T, r), self.R.reshape(B * G, T, -1))
+        return s if G == 1 else s.reshape(B, G).sum(1)
 
     def cross(self, other: _Outer) -> Tensor:
         """Per-example ``<G_i, G'_i>`` by the Gram matrices of the factors (``sum_{t,s} (L_t.L'_s) (R_t.R'_s)``)."""
@@ -145,11 +213,11 @@ class _Index:
     idx: Tensor
     R: Tensor
     shape: torch.Size
+    key: int = 0  # ``id`` of the call (a tied output layer's backward may have gathered for it)
 
     def sq(self) -> Tensor:
-        T, d = self.R.shape[1:]
-        V = self.shape[0]
-        if T * T <= V * d:  # ghost norm: sum over t, t' of [idx_t == idx_t'] (g_t . g_t')
+        T, V = self.R.shape[1], self.shape[0]
+        if T * T < _WRITE * (V + T):  # ghost norm, T x T x d multiply-adds: sum_{t,t'} [idx_t == idx_t'] (g_t . g_t')
             return self.cross(self)
         return _sqsum(self.direct())
 
@@ -160,10 +228,11 @@ class _Index:
 
     def cross_outer(self, other: _Outer) -> Tensor:
         """Per-example ``<E_i, L_i^T R_i>`` (one group, rows of ``L``): ``sum_{t,s} L_s[idx_t] (R_s . R_t)``."""
-        L, R = other.L[:, 0], other.R[:, 0]  # [B, T', V], [B, T', d]
-        B, T2 = L.shape[:2]
-        at = torch.gather(L, 2, self.idx.long()[:, None, :].expand(B, T2, -1))  # [B, T', T]
-        return torch.bmm(R, self.R.mT).mul_(at).reshape(B, -1).sum(1)
+        at = other.gathered.pop(self.key, None)
+        if at is None:
+            at = _gather_rows(other.L[:, 0], self.idx)
+        R = other.R[:, 0]  # [B, T', d]
+        return torch.bmm(R, self.R.mT).mul_(at).reshape(R.shape[0], -1).sum(1)
 
     def direct(self) -> Tensor:
         B, _, d = self.R.shape
@@ -193,9 +262,9 @@ def _inner(P: Any, Q: Any) -> Tensor:
         P, Q = Q, P
     if isinstance(P, _Index) and isinstance(Q, _Index):
         T, T2 = P.idx.shape[1], Q.idx.shape[1]
-        if T * T2 <= P.shape[0] * P.shape[1]:
+        if T * T2 < _WRITE * (2 * P.shape[0] + T + T2):
             return P.cross(Q)
-    if isinstance(P, _Index) and isinstance(Q, _Outer) and Q.L.shape[1] == 1 and len(Q.shape) == 2:
+    if isinstance(P, _Index) and isinstance(Q, _Outer) and Q.R.shape[1] == 1 and len(Q.shape) == 2:
         return P.cross_outer(Q)
     if isinstance(P, _Outer) and isinstance(Q, _Outer) and P.L.shape[1:2] == Q.L.shape[1:2]:
         (_, _, T, r), T2, c = P.L.shape, Q.L.shape[2], P.R.shape[-1]
@@ -230,6 +299,7 @@ class _Use:
     entries: list[tuple[str, int]]  # (attribute name, watched index) of its watched parameters
     x: Tensor  # the input, detached (shares the storage autograd already keeps)
     batch: int
+    done: bool = False  # its backward has run
 
 
 @dataclass
@@ -241,6 +311,7 @@ class _Pass:
     sq: Tensor | None = None
     bufs: dict[int, Tensor] = field(default_factory=dict)  # per-example gradients of parameters used many times
     held: dict[int, list[Any]] = field(default_factory=dict)  # factored parts of parameters used a few times
+    lookups: dict[int, list[_Use]] = field(default_factory=dict)  # embedding calls of parameters used a few times
     backward: bool = False
 
 
@@ -472,14 +543,14 @@ class PerExampleNorms(Contributor):
         )
 
     def _classify(self, module: nn.Module) -> tuple[str, list[tuple[str, int]]] | None:
-        got = self._modules.get(module)
-        if got is None:
+        got = self._modules.get(module, _UNSEEN)
+        if got is _UNSEEN:
             kind = _kind(module)
             own = module.named_parameters(recurse=False)
             entries = [(n, self._index[id(p)]) for n, p in own if id(p) in self._index]
             got = self._modules[module] = (kind, entries) if kind is not None and entries else None
-            if got is None:
-                return None
+        if got is None:
+            return None
         params = self.binding.params
         if any(module_parameter(module, n) is not params[i] for n, i in got[1]):
             return None  # parameters swapped (torch.func.functional_call): not the watched ones
@@ -508,9 +579,11 @@ class PerExampleNorms(Contributor):
         if batch != p.batch:
             self._exclude(module, entries, x, p.batch)
             return
+        use = _Use(kind, module, entries, x.detach(), batch)
         for _, i in entries:
             p.uses[i] = p.uses.get(i, 0) + 1
-        use = _Use(kind, module, entries, x.detach(), batch)
+            if kind == "embedding":
+                p.lookups.setdefault(i, []).append(use)
         output.register_hook(lambda g, use=use: self._backward(use, g))
 
     def _exclude(self, module: nn.Module, entries: list[tuple[str, int]], x: Tensor, batch: int | None) -> None:
@@ -531,7 +604,12 @@ class PerExampleNorms(Contributor):
         with torch.no_grad():
             p = self._pass
             p.backward = True
-            for i, part in self._parts(use, g):
+            use.done = True
+            if all(p.uses[i] == 1 and i not in self._excluded for _, i in use.entries):
+                self._seen.update(i for _, i in use.entries)  # its parameters' only call: one fused sum
+                self._add(_CALL_SQ[use.kind](use, g, self.batch_dim, self._dtype(use, g)))
+                return
+            for i, part in _PARTS[use.kind](use, g, self.batch_dim, self._dtype(use, g)):
                 if i in self._excluded:
                     continue
                 self._seen.add(i)
@@ -540,9 +618,14 @@ class PerExampleNorms(Contributor):
                     d = part.direct()
                     p.bufs[i] = d if i not in p.bufs else p.bufs[i].add_(d)
                     continue
-                s = part.sq() if n < 2 else self._shared(i, part, n)
-                s = s.to(self._acc)
-                p.sq = s if p.sq is None else p.sq.add_(s)
+                self._add(part.sq() if n < 2 else self._shared(i, part, n))
+
+    def _add(self, s: Tensor) -> None:
+        """Add per-example squared norms ``[B]`` to the pass's."""
+        p = self._pass
+        if s.dtype != self._acc:
+            s = s.to(self._acc)
+        p.sq = s if p.sq is None else p.sq.add_(s)
 
     def _shared(self, i: int, part: Any, n: int) -> Tensor:
         """One of ``n`` calls of a parameter: ``||sum_m G_m||^2 = sum_m ||G_m||^2 + 2 sum_{m<m'} <G_m, G_m'>``."""
@@ -550,27 +633,77 @@ class PerExampleNorms(Contributor):
         s = part.sq()
         for q in held:
             s = s.add(_inner(q, part), alpha=2.0)
+        if isinstance(part, _Outer):
+            self._gather_for_lookups(i, part, n - 1 - len(held))
         held.append(part)
         if len(held) == n:  # its last call: the factors are no longer needed
             del self._pass.held[i]
         return s
+
+    def _gather_for_lookups(self, i: int, part: _Outer, later: int) -> None:
+        """A tied output layer: gather its output gradient now, at the tokens of the table's lookups still ahead.
+
+        The gradient (``[B, T', V]``) is in cache now; if every call still to
+        come is such a lookup, ``L`` is dropped (its memory freed early).
+        """
+        B, G, _, r = part.R.shape
+        if G != 1 or len(part.shape) != 2 or part.L is None:
+            return
+        ahead = [u for u in self._pass.lookups.get(i, ()) if not u.done and u.x.dim() > self.batch_dim]
+        if not ahead or part.L.shape[-1] != part.shape[0] or r != part.shape[1]:
+            return
+        for u in ahead:
+            part.gathered[id(u)] = _gather_rows(part.L[:, 0], _to_front(u.x, self.batch_dim).reshape(B, -1))
+        if len(ahead) == later:
+            part.L = None
 
     def _end_pass(self) -> None:
         p = self._pass
         if p.backward:
             with torch.no_grad():
                 for buf in p.bufs.values():
-                    s = _sqsum(buf).to(self._acc)
-                    p.sq = s if p.sq is None else p.sq.add_(s)
+                    self._add(_sqsum(buf))
             if p.sq is not None and p.batch is not None:
                 self._step.append((p.sq, p.batch))
         self._pass = _Pass()
 
-    def _parts(self, use: _Use, g: Tensor) -> list[tuple[int, Any]]:
-        """Each watched parameter of one call with its per-example gradient in factored form."""
+    @staticmethod
+    def _dtype(use: _Use, g: Tensor) -> torch.dtype:
+        """The dtype a call's factors are read in: the input's and gradient's, at least float32."""
         dt = torch.promote_types(use.x.dtype if use.x.is_floating_point() else g.dtype, g.dtype)
-        dt = torch.promote_types(dt, torch.float32)  # half inputs and gradients are read in float32
-        return _PARTS[use.kind](use, g, self.batch_dim, dt)
+        return torch.promote_types(dt, torch.float32)
+
+
+def _cast(t: Tensor, dt: torch.dtype) -> Tensor:
+    return t if t.dtype == dt else t.to(dt)
+
+
+def _linear_sq(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> Tensor:
+    """Per-example squared norm of one call's weight and bias gradients together (Linear, Conv1D).
+
+    With ``a_t`` extended by a constant 1 the bias is one more column of the
+    weight: ``||[G_i, b_i]||^2 = sum_{t,s} (g_t . g_s) (a_t . a_s + 1)``.
+    """
+    B = use.batch
+    gg = _cast(_to_front(g, bd).reshape(B, -1, g.shape[-1]), dt)
+    names = [n for n, _ in use.entries]
+    if "weight" not in names:
+        return _sqsum(gg.sum(1))
+    a = _cast(_to_front(use.x, bd).reshape(B, -1, use.x.shape[-1]), dt)
+    return _factored_sq(gg, a, 1.0 if "bias" in names else 0.0)
+
+
+def _norm_sq(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> Tensor:
+    """Per-example squared norm of a LayerNorm's / RMSNorm's weight and bias gradients together."""
+    parts = [part.D for _, part in _norm_parts(use, g, bd, dt)]
+    d = parts[0] if len(parts) == 1 else torch.stack(parts, 1)
+    return d.square().reshape(use.batch, -1).sum(1)
+
+
+def _parts_sq(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> Tensor:
+    """Per-example squared norm of one call's parameters, summed over its parts."""
+    parts = [part.sq() for _, part in _PARTS[use.kind](use, g, bd, dt)]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
 def _linear_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
@@ -595,7 +728,7 @@ def _embedding_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tup
     gg = _to_front(g, bd).reshape(B, idx.shape[1], -1).to(dt)
     if m.padding_idx is not None:
         gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(dt)
-    return [(i, _Index(idx, gg, module_parameter(m, name).shape)) for name, i in use.entries]
+    return [(i, _Index(idx, gg, module_parameter(m, name).shape, id(use))) for name, i in use.entries]
 
 
 def _norm_parts(use: _Use, g: Tensor, bd: int, dt: torch.dtype) -> list[tuple[int, Any]]:
@@ -635,3 +768,5 @@ _PARTS = {
     "norm": _norm_parts,
     "conv": _conv_parts,
 }
+#: one call's parameters, each used once in the pass: their per-example squared norms summed in one go
+_CALL_SQ = {"linear": _linear_sq, "hf_conv1d": _linear_sq, "embedding": _parts_sq, "norm": _norm_sq, "conv": _parts_sq}

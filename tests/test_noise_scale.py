@@ -116,6 +116,56 @@ def test_equals_stored_micro_batch_reference(k):
     assert_matches(h.stats, reference(per_step, B_S, ALPHA))
 
 
+class MixedReads(nn.Module):
+    """One parameter per read path: contiguous float32 (dot), strided float32 (vector_norm), float64 (copied in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(6, 3, generator=g))
+        self.wt = nn.Parameter(torch.randn(3, 6, generator=g).t())  # its gradient is strided like it
+        self.wide = nn.Parameter(torch.randn(6, 3, generator=g).double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w + torch.tanh(x @ self.wt)
+        return h + (x.double() @ self.wide).float()
+
+
+def test_every_read_path_and_more_calls_than_the_table_rows():
+    """dot into the table, vector_norm into it, a copy for another dtype; 6 calls outgrow the 4 rows it starts with."""
+    torch.manual_seed(0)
+    model, k = MixedReads(), 6
+    assert not model.wt.is_contiguous()
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA)])
+    per_step = []
+    for step in range(3):
+        mbs = micro_batches(step, k)
+        per_step.append(micro_grads(model, mbs))
+        model.zero_grad()
+        for x, y in mbs:
+            (mse(model(x), y) / k).backward()
+        assert not model.wt.grad.is_contiguous()
+        watch.step()
+    ref = reference(per_step, B_S, ALPHA)
+    assert_matches(watch.history.stats, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_read_into_writes_the_square_or_the_norm(dtype, strided):
+    from gradwatch.stats.noise import _read_into
+
+    g = torch.randn(40, 30, dtype=torch.float64).to(dtype)
+    g = g.t() if strided else g
+    square, norm = torch.zeros(()), torch.zeros(())  # a float32 table
+    _read_into(g, square, norm)
+    exact = g.double().square().sum()
+    got = square.double() if square.item() else norm.double().square()
+    assert (square.item() == 0) != (norm.item() == 0)  # one slot written
+    assert square.item() == 0 or (dtype in (torch.float32, torch.float64) and not strided)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=0)
+
+
 def test_float64_model_is_recorded_in_float64():
     torch.manual_seed(0)
     model = Net().double()

@@ -19,9 +19,10 @@ two :math:`T \times T` Gram matrices instead of a :math:`d_\text{out} \times
 d_\text{in}` matrix per example. For each layer and shape the cheaper of the
 two is used: the Gram matrices (about :math:`T^2 (d_\text{in} +
 d_\text{out})` multiply-adds per example; from :math:`T = 64` on only their
-lower triangle, in column blocks) or :math:`G_i` itself (about :math:`T
+lower triangle, by blocks) or :math:`G_i` itself (about :math:`T
 d_\text{in} d_\text{out}`); with one position per example (an MLP) the
-identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`.
+identity is :math:`\lVert a \rVert^2 \lVert g \rVert^2`. A bias is one more
+input column of value 1: :math:`(a_t \cdot a_{t'} + 1)`.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ class RowPlan:
 
     def meta(self) -> dict[str, int]:
         """The statistics' columns and widths, as sinks and files record them (``History.meta["stats"]``)."""
-        return {f"{c.prefix}.{k}": int(w) for c in self.stats for k, w in c.columns().items()}
+        return {k: int(w) for c in self.stats for k, w in c.history_columns().items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The clipper's, detectors' and statistics' state (what :meth:`GradWatch.state_dict` adds to the step)."""

@@ -158,6 +158,15 @@ class Contributor:
         """
         return {f"{self.prefix}.{k}": v for k, v in cols.items()}
 
+    def history_columns(self) -> Mapping[str, int]:
+        """The ``History.stats`` keys :meth:`to_history` returns, with their widths (:data:`SCALAR`: one number).
+
+        Sinks declare and write these (``History.meta["stats"]``). Override it
+        with :meth:`to_history` when that renames or splits the row's columns;
+        default: ``"<prefix>.<column>"`` for each of :meth:`columns`.
+        """
+        return {f"{self.prefix}.{k}": w for k, w in self.columns().items()}
+
     def events(self, rec: Record) -> Sequence[Event]:
         """The events of one flushed row (``rec.values`` holds this contributor's columns)."""
         return ()

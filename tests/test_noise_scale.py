@@ -261,6 +261,79 @@ def test_zero_host_syncs_and_hooks_removed_at_close():
     assert all(not p._backward_hooks for p in model.parameters())
 
 
+GROUPS = {"up": "up.*", "head": ["head.weight", "head.bias"], "weights": "*.weight"}
+
+
+def assert_groups_match(stats, per_step, slices: dict[str, np.ndarray], bs: int) -> None:
+    """Each group's columns against the reference on the micro-batch gradients cut to the group's parameters."""
+    for g, idx in slices.items():
+        ref = reference([[gj[idx] for gj in gs] for gs in per_step], bs, ALPHA)
+        assert_matches({f"noise.{key}": stats[f"noise.{g}.{key}"] for key in ("grad_sq", "trace", "b_simple")}, ref)
+
+
+def group_slices(model: nn.Module, groups: dict = GROUPS) -> dict[str, np.ndarray]:
+    """Each group's positions in the flattened gradient (named_parameters order, as micro_grads flattens)."""
+    import fnmatch
+
+    pos, at = {}, 0
+    for name, p in model.named_parameters():
+        pos[name] = np.arange(at, at + p.numel())
+        at += p.numel()
+    out = {}
+    for g, patterns in groups.items():
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        out[g] = np.concatenate([pos[n] for n in pos if any(fnmatch.fnmatchcase(n, q) for q in patterns)])
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_groups_equal_the_reference_cut_to_their_parameters(k):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, alpha=ALPHA, groups=GROUPS)]).attach(opt)
+    per_step = []
+    for step in range(STEPS):
+        mbs = micro_batches(step, k)
+        per_step.append(micro_grads(model, mbs))
+        opt.zero_grad()
+        for x, y in mbs:
+            (mse(model(x), y) / k).backward()
+        opt.step()
+    stats = watch.history.stats
+    assert_matches(stats, reference(per_step, B_S, ALPHA))  # the overall columns are unchanged
+    assert_groups_match(stats, per_step, group_slices(model), B_S)
+    state = watch.stats[0].state_dict()
+    assert state["groups"] == list(GROUPS) and state["group_ema"].shape == (2, 3)
+
+
+def test_groups_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model, csv, jsonl = Net(), tmp_path / "run.csv", tmp_path / "run.jsonl"
+    sinks = [gw.CSVSink(csv), gw.JSONLSink(jsonl)]
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, groups=GROUPS)], sinks=sinks)
+    for step in range(3):
+        model.zero_grad()
+        for x, y in micro_batches(step, 2):
+            (mse(model(x), y) / 2).backward()
+        watch.step()
+    watch.close()
+    h = watch.history
+    assert set(h.stats) == {
+        f"noise.{g}{k}" for g in ("", "up.", "head.", "weights.") for k in ("grad_sq", "trace", "b_simple")
+    }
+    for back in (gw.read_csv(csv), gw.read_jsonl(jsonl)):
+        assert set(back.stats) == set(h.stats)
+        for key in h.stats:
+            np.testing.assert_array_equal(back.stats[key], h.stats[key])
+    other = gw.NoiseScale(batch_size=B_S, groups={"up": "up.*"})
+    gw.GradWatch(Net(), stats=[other])
+    with pytest.raises(ValueError, match=r"state is of groups \['up', 'head', 'weights'\], this NoiseScale has"):
+        other.load_state_dict(watch.stats[0].state_dict())
+    with pytest.raises(ValueError, match=r"'nope\.\*' matches no parameter name"):
+        gw.GradWatch(Net(), stats=[gw.NoiseScale(batch_size=B_S, groups={"x": "nope.*"})])
+
+
 def test_state_dict_continues_the_averages():
     k, steps = 2, 4
     h_full, _, _ = train(k, steps=steps)
@@ -320,6 +393,11 @@ def test_plot_stats_draws_b_simple():
         ({"batch_size": 8, "alpha": -0.1}, ValueError, r"alpha must be a finite number >= 0 and < 1"),
         ({"batch_size": 8, "alpha": "0.9"}, TypeError, "alpha must be a number"),
         ({"batch_size": 8, "process_group": [0, 1]}, TypeError, "process_group must be None"),
+        ({"batch_size": 8, "groups": ["up.*"]}, TypeError, "groups must be a mapping"),
+        ({"batch_size": 8, "groups": {}}, ValueError, "groups must name at least one group"),
+        ({"batch_size": 8, "groups": {"a.b": "up.*"}}, ValueError, "a name must be letters, digits"),
+        ({"batch_size": 8, "groups": {"up": 3}}, TypeError, r"groups\['up'\] must be a glob pattern"),
+        ({"batch_size": 8, "groups": {"up": []}}, TypeError, r"groups\['up'\] must be a glob pattern"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -381,7 +459,10 @@ def test_variance_shrinks_as_the_big_batch_grows():
 DDP_BS = 3  # rows per micro-batch per rank
 
 
-def _ddp_run(rank: int, world: int, k: int, amp: bool = False) -> dict:
+DIST_GROUPS = {"up": "*up.*", "rest": ["*down.*", "*head.*"]}
+
+
+def _ddp_run(rank: int, world: int, k: int, amp: bool = False, groups: dict | None = None) -> dict:
     from contextlib import nullcontext
 
     from _dist_harness import MLP, batch, loss_fn
@@ -392,7 +473,8 @@ def _ddp_run(rank: int, world: int, k: int, amp: bool = False) -> dict:
     ddp = DDP(MLP())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=3000.0) if amp else None
-    watch = gw.GradWatch(ddp, scaler=scaler, stats=[gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)]).attach(opt)
+    noise = gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA, groups=groups)
+    watch = gw.GradWatch(ddp, scaler=scaler, stats=[noise]).attach(opt)
     collectives = []
     for step in range(STEPS):
         x, y = batch(step, n=world * k * DDP_BS)
@@ -426,8 +508,17 @@ def ddp_k2_amp(rank: int, world: int) -> dict:
     return _ddp_run(rank, world, 2, amp=True)
 
 
+def ddp_k2_groups(rank: int, world: int) -> dict:
+    return _ddp_run(rank, world, 2, groups=DIST_GROUPS)
+
+
 def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
     """One process over all world x k micro-batches: their gradients stored, SGD on their mean."""
+    return reference(ddp_micro_grads(world, k), DDP_BS, ALPHA)
+
+
+def ddp_micro_grads(world: int, k: int) -> list[list[np.ndarray]]:
+    """Per step, the world x k micro-batch gradients of the single-process run of :func:`ddp_reference`."""
     from _dist_harness import MLP, batch
 
     model = MLP()
@@ -440,14 +531,14 @@ def ddp_reference(world: int, k: int) -> dict[str, np.ndarray]:
         with torch.no_grad():
             for p, g in zip(model.parameters(), big.split([p.numel() for p in model.parameters()])):
                 p -= 0.1 * g.view_as(p)
-    return reference(per_step, DDP_BS, ALPHA)
+    return per_step
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
     from _dist_harness import run_scenarios
 
-    return run_scenarios([ddp_k1, ddp_k2, ddp_k2_amp], 2)
+    return run_scenarios([ddp_k1, ddp_k2, ddp_k2_amp, ddp_k2_groups], 2)
 
 
 @pytest.mark.parametrize(("name", "k"), [("ddp_k1", 1), ("ddp_k2", 2), ("ddp_k2_amp", 2)])
@@ -461,11 +552,29 @@ def test_ddp_two_ranks_equal_the_single_process_reference(ddp_results, name, k):
     assert r0["collectives"] == [1] * STEPS  # one all-reduce of two numbers per step, nothing else
 
 
+def test_ddp_groups_ride_the_same_all_reduce(ddp_results):
+    from _dist_harness import MLP, result_of
+
+    r0, r1 = result_of(ddp_results, "ddp_k2_groups")
+    for key in r0["stats"]:
+        np.testing.assert_array_equal(r0["stats"][key], r1["stats"][key])
+    per_step = ddp_micro_grads(2, 2)
+    assert_matches(r0["stats"], reference(per_step, DDP_BS, ALPHA))
+    assert_groups_match(r0["stats"], per_step, group_slices(MLP(), DIST_GROUPS), DDP_BS)
+    assert r0["collectives"] == [1] * STEPS  # the groups' sums travel in the same all-reduce
+
+
 # --------------------------------------------------------------------------- FSDP2 (2 gloo ranks) and HSDP (2 x 2)
 
 
 def _fsdp2_run(
-    rank: int, world: int, k: int, shape: tuple[int, ...], no_sync: bool = False, warm: bool = False
+    rank: int,
+    world: int,
+    k: int,
+    shape: tuple[int, ...],
+    no_sync: bool = False,
+    warm: bool = False,
+    groups: dict | None = None,
 ) -> dict:
     """As :func:`_ddp_run` on :func:`fsdp2_mlp` (1-D mesh: FSDP2, 2-D: HSDP); ``no_sync``: the
     non-final micro-batches under ``set_requires_gradient_sync(False)`` (accumulated unsharded);
@@ -480,7 +589,7 @@ def _fsdp2_run(
         with torch.no_grad():
             model(batch(0)[0])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    noise = gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA)
+    noise = gw.NoiseScale(batch_size=DDP_BS, alpha=ALPHA, groups=groups)
     watch = gw.GradWatch(model, stats=[noise]).attach(opt)
     # before the first forward nothing is unsharded: a forward hook on up, down and head waits for it
     assert (len(noise._handles), len(noise._forward_handles)) == ((6, 0) if warm else (0, 3))
@@ -518,6 +627,10 @@ def fsdp2_k2_warm(rank: int, world: int) -> dict:
     return _fsdp2_run(rank, world, 2, (world,), warm=True)
 
 
+def fsdp2_k2_groups(rank: int, world: int) -> dict:
+    return _fsdp2_run(rank, world, 2, (world,), groups=DIST_GROUPS)
+
+
 def _refused(model) -> str:
     try:
         gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=2)])
@@ -542,7 +655,8 @@ def fsdp_tp_refused(rank: int, world: int) -> str:
 def fsdp2_results():
     from _dist_harness import run_scenarios
 
-    return run_scenarios([fsdp2_k1, fsdp2_k2, fsdp2_k2_no_sync, fsdp2_k2_warm, tp_refused, fsdp_tp_refused], 2)
+    scenarios = [fsdp2_k1, fsdp2_k2, fsdp2_k2_no_sync, fsdp2_k2_warm, fsdp2_k2_groups, tp_refused, fsdp_tp_refused]
+    return run_scenarios(scenarios, 2)
 
 
 def _check_fsdp(per_rank: list[dict], world: int, k: int) -> None:
@@ -566,6 +680,17 @@ def test_fsdp2_two_ranks_equal_the_single_process_reference(fsdp2_results, name,
     from _dist_harness import result_of
 
     _check_fsdp(result_of(fsdp2_results, name), 2, k)
+
+
+def test_fsdp2_groups_equal_the_reference_cut_to_their_parameters(fsdp2_results):
+    from _dist_harness import MLP, result_of
+
+    per_rank = result_of(fsdp2_results, "fsdp2_k2_groups")
+    _check_fsdp(per_rank, 2, 2)
+    for key in per_rank[0]["stats"]:
+        np.testing.assert_array_equal(per_rank[1]["stats"][key], per_rank[0]["stats"][key])
+    per_step = ddp_micro_grads(2, 2)
+    assert_groups_match(per_rank[0]["stats"], per_step, group_slices(MLP(), DIST_GROUPS), DDP_BS)
 
 
 @pytest.mark.parametrize("name", ["tp_refused", "fsdp_tp_refused"])

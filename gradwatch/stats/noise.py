@@ -13,16 +13,18 @@ Appendix A.1. See :class:`NoiseScale` and the guide page ``guide/noise_scale``.
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gradwatch._compat import FSDPParamRef, fsdp_param_refs, scale_of
-from gradwatch._validate import check_float, check_int
+from gradwatch._validate import check_float, check_int, match_names
 from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
 from gradwatch.distributed import _mesh_group, check_process_group, is_dtensor
 from gradwatch.norms import accumulation_dtype, sparse_values
@@ -31,6 +33,38 @@ __all__ = ["NoiseScale"]
 
 
 _DOT_DTYPES = (torch.float32, torch.float64)
+#: the columns, overall and per group
+_COLUMNS = ("grad_sq", "trace", "b_simple")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_groups(groups: Any) -> dict[str, list[str]] | None:
+    """``{name: [glob patterns]}`` from ``groups`` (a pattern or a sequence of them per name), or None.
+
+    Raises:
+        TypeError: ``groups`` is not a mapping, or a value not a string or a sequence of strings.
+        ValueError: no group, or a name that is not letters, digits, ``_`` and ``-``.
+    """
+    if groups is None:
+        return None
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"groups must be a mapping {{name: glob pattern(s)}} or None, got {type(groups).__name__}")
+    if not groups:
+        raise ValueError("groups must name at least one group (or be None)")
+    out: dict[str, list[str]] = {}
+    for name, patterns in groups.items():
+        if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+            raise ValueError(
+                f"groups: a name must be letters, digits, '_' and '-' (it becomes part of the "
+                f"History.stats key 'noise.<name>.b_simple'), got {name!r}"
+            )
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, Sequence) or not patterns or not all(isinstance(q, str) for q in patterns):
+            raise TypeError(
+                f"groups[{name!r}] must be a glob pattern or a non-empty sequence of them, got {patterns!r}"
+            )
+        out[name] = list(patterns)
+    return out
 
 
 def _read_into(g: Tensor, square: Tensor, norm: Tensor) -> None:
@@ -93,6 +127,11 @@ class _Table:
         """``sum |c_j|^2`` over the slots (0-d): a sum, a dot and an add."""
         squares, norms = self.t.unbind()
         return squares.sum() + torch.dot(norms, norms)
+
+    def per_param(self) -> Tensor:
+        """``sum_j |c_j|^2`` of each parameter (``[n]``)."""
+        squares, norms = self.t.view(2, self.rows, self.n).unbind()
+        return squares.sum(0) + norms.square().sum(0)
 
     def clear(self) -> None:
         self.t.zero_()
@@ -206,7 +245,14 @@ class NoiseScale(Contributor):
     record (``every > 1``).
 
     Columns (``History.stats``): ``"noise.grad_sq"``, ``"noise.trace"``,
-    ``"noise.b_simple"``, one float per recorded step.
+    ``"noise.b_simple"``, one float per recorded step; with ``groups``, the
+    same three for each group, ``"noise.<group>.b_simple"`` and so on: the
+    estimator restricted to the group's parameters (``G_j`` and ``G_big``
+    cut to them; ``b2`` from the watch's per-parameter norms). Per-layer noise
+    scales differ by orders of magnitude (Gray et al., *Normalization Layer
+    Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in
+    Transformers*, NeurIPS 2024); the groups cost one more reduction of the
+    step's reads and one ``[G x P]`` product each for the two sums.
 
     Args:
         batch_size: ``B_s``, the examples of one backward call on one rank.
@@ -217,11 +263,17 @@ class NoiseScale(Contributor):
             FSDP2/HSDP the parameters' whole mesh (the world group when it
             spans every rank), else the world group when ``torch.distributed``
             is initialised, else none.
+        groups: ``{name: glob pattern or patterns}`` over the watch's
+            parameter names (``fnmatch``; overlapping groups and parameters in
+            none are fine); names of letters, digits, ``_`` and ``-``.
 
     Raises:
         TypeError: ``batch_size`` is not an integer, ``alpha`` not a number,
-            ``process_group`` not a group.
-        ValueError: ``batch_size < 1``, ``alpha`` outside ``[0, 1)``.
+            ``process_group`` not a group, ``groups`` not a mapping of
+            patterns.
+        ValueError: ``batch_size < 1``, ``alpha`` outside ``[0, 1)``, an
+            empty ``groups`` or a bad group name; at bind, a pattern that
+            matches no parameter.
 
     Example:
         Two micro-batches of two examples, ``w = 0``, per-example gradients
@@ -244,10 +296,19 @@ class NoiseScale(Contributor):
 
     prefix = "noise"
 
-    def __init__(self, batch_size: int, alpha: float = 0.95, *, process_group: Any = None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        alpha: float = 0.95,
+        *,
+        process_group: Any = None,
+        groups: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> None:
         self.batch_size = check_int(batch_size, "batch_size", min=1)
         self.alpha = check_float(alpha, "alpha", min=0.0, max=1.0, max_open=True)
         self.process_group = check_process_group(process_group)
+        self.groups = _check_groups(groups)
+        self._members: Tensor | None = None
         self._hot, self._boundary = True, False
         self._handles: list[Any] = []
         self._forward_handles: list[Any] = []
@@ -288,6 +349,7 @@ class NoiseScale(Contributor):
         self._ema = torch.zeros(2, device=dev, dtype=dt)  # [E_grad_sq, E_trace]
         self._started = torch.zeros((), device=dev, dtype=torch.bool)
         self._nan = torch.full((), math.nan, device=dev, dtype=dt)
+        self._bind_groups(binding)
         self._matrices = {}
         self._table = _Table(len(binding.params), dev, dt)
         self._counts: list[int] = []
@@ -298,6 +360,19 @@ class NoiseScale(Contributor):
                 self._handles.append(p.register_hook(self._contribution_hook(i)))
         else:
             self._hook_unsharded(refs)
+
+    def _bind_groups(self, binding: Binding) -> None:
+        """The ``[G, P]`` 0/1 membership of the parameters in the groups, and the groups' moving averages."""
+        if self.groups is None:
+            return
+        host = torch.zeros(len(self.groups), len(binding.params), dtype=binding.dtype)
+        for j, (name, patterns) in enumerate(self.groups.items()):
+            host[j, match_names(patterns, binding.names, f"NoiseScale(groups={{{name!r}: ...}})")] = 1.0
+        dev, dt, G = binding.device, binding.dtype, len(self.groups)
+        self._members = host.to(dev)
+        self._group_ema = torch.zeros(2, G, device=dev, dtype=dt)
+        self._group_started = torch.zeros(G, device=dev, dtype=torch.bool)
+        self._group_nan = torch.full((G,), math.nan, device=dev, dtype=dt)
 
     def _hook_unsharded(self, refs: list[FSDPParamRef]) -> None:
         """Hook each unsharded parameter once it exists: now, or after a forward of a module that manages it.
@@ -358,29 +433,76 @@ class NoiseScale(Contributor):
         return hook
 
     def columns(self) -> Mapping[str, int]:
-        return {"grad_sq": SCALAR, "trace": SCALAR, "b_simple": SCALAR}
+        cols = {"grad_sq": SCALAR, "trace": SCALAR, "b_simple": SCALAR}
+        if self.groups is not None:
+            cols.update({f"group_{k}": len(self.groups) for k in _COLUMNS})
+        return cols
 
     def observe(self, view: StepView) -> Mapping[str, Tensor]:
-        """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync)."""
+        """This step's ``grad_sq``, ``trace`` and ``b_simple`` (0-d device tensors; no host sync); per group too."""
+        k_local, sq, sq_g = self._collect()
+        b2 = view.total * view.total
+        b2_g = None if self._members is None else torch.mv(self._members, view.norms.to(sq.dtype).square())
+        if self._world > 1:  # one all-reduce of [sum |c|^2, backward calls, per group] over the data-parallel ranks
+            n, sq, sq_g = self._all_reduce(k_local, sq, sq_g)
+            x = self._estimates(sq, n, b2)
+            x_g = None if sq_g is None else self._estimates(sq_g, n, b2_g)
+        elif k_local < 2:
+            self._warn_once(k_local)
+            return self._values(None, None)
+        else:
+            m = self._matrix(k_local)
+            x = torch.mv(m, torch.stack([sq, b2]))
+            x_g = None if sq_g is None else m @ torch.stack([sq_g, b2_g])
+        return self._values(x, x_g)
+
+    def _collect(self) -> tuple[int, Tensor, Tensor | None]:
+        """The step's backward calls (host), ``sum_j |c_j|^2`` and its per-group sums (unscaled); a new step begins."""
         k_local = max(self._counts, default=0)
-        sq = self._table.total()  # sum_j |c_j|^2
+        sq = self._table.total()
+        sq_g = None if self._members is None else torch.mv(self._members, self._table.per_param())
         self._reset()
         scale = scale_of(self._scaler) if self._scaler is not None and self._scaler.is_enabled() else None
         if scale is not None:  # the hooks saw the scaled gradients S c_j (the scale of this step's backward calls)
-            sq = (sq / scale.to(sq.dtype).square()).reshape(())
-        b2 = view.total * view.total
-        if self._world > 1:  # one all-reduce of [sum |c|^2, backward calls] over the data-parallel ranks
-            t = torch.stack([sq, torch.full((), float(k_local), device=sq.device, dtype=sq.dtype)])
-            dist.all_reduce(t, group=self._dp_group)
-            x = self._estimates(*t.unbind(), b2)
-        elif k_local < 2:
-            self._warn_once(k_local)
-            return {"grad_sq": self._nan, "trace": self._nan, "b_simple": self._nan}
+            s2 = scale.to(sq.dtype).square()
+            sq = (sq / s2).reshape(())
+            sq_g = None if sq_g is None else sq_g / s2
+        return k_local, sq, sq_g
+
+    def _all_reduce(self, k_local: int, sq: Tensor, sq_g: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Sum ``[sum |c|^2, backward calls, *per group]`` over the ranks (one all-reduce): ``(n, sq, sq_g)``."""
+        parts = [sq.reshape(1), torch.full((1,), float(k_local), device=sq.device, dtype=sq.dtype)]
+        t = torch.cat(parts if sq_g is None else [*parts, sq_g])
+        dist.all_reduce(t, group=self._dp_group)
+        return t[1], t[0], (None if sq_g is None else t[2:])
+
+    def _values(self, x: Tensor | None, x_g: Tensor | None) -> dict[str, Tensor]:
+        """The columns from ``[grad_sq, trace]`` (and ``[2, G]`` per group); NaN for None; the averages move."""
+        if x is None:
+            out = dict.fromkeys(_COLUMNS, self._nan)
+            x_g = None
         else:
-            x = torch.mv(self._matrix(k_local), torch.stack([sq, b2]))
-        b_simple = self._average(x)
-        grad_sq, trace = x.unbind()
-        return {"grad_sq": grad_sq, "trace": trace, "b_simple": b_simple}
+            grad_sq, trace = x.unbind()
+            out = {"grad_sq": grad_sq, "trace": trace, "b_simple": self._average(x, self._ema, self._started)}
+        if self.groups is not None:
+            if x_g is None:
+                out.update({f"group_{k}": self._group_nan for k in _COLUMNS})
+            else:
+                b_g = self._average(x_g, self._group_ema, self._group_started)
+                out.update({"group_grad_sq": x_g[0], "group_trace": x_g[1], "group_b_simple": b_g})
+        return out
+
+    def history_columns(self) -> Mapping[str, int]:
+        """``noise.<column>`` and, per group, ``noise.<group>.<column>``: one number a step each."""
+        groups = [f"{name}." for name in self.groups or ()]
+        return {f"noise.{g}{k}": SCALAR for g in ("", *groups) for k in _COLUMNS}
+
+    def to_history(self, cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``noise.<column>``, and per group ``noise.<group>.<column>`` (one number a step each)."""
+        out = {f"noise.{k}": cols[k] for k in _COLUMNS}
+        for j, name in enumerate(self.groups or ()):
+            out.update({f"noise.{name}.{k}": cols[f"group_{k}"][:, j] for k in _COLUMNS})
+        return out
 
     def _estimates(self, sq: Tensor, n: Tensor, b2: Tensor) -> Tensor:
         """``[grad_sq, trace]`` from ``sum |c|^2`` over all ranks and ``n`` backward calls in all (device tensors).
@@ -406,14 +528,17 @@ class NoiseScale(Contributor):
             self._matrices[n] = m
         return m
 
-    def _average(self, x: Tensor) -> Tensor:
-        """Update ``[E_grad_sq, E_trace]`` with ``x`` if both are finite; ``E_trace / E_grad_sq`` (NaN before any)."""
-        assert self._ema is not None and self._started is not None
-        ok = torch.isfinite(x).all()
-        moved = torch.where(self._started, torch.lerp(self._ema, x, 1.0 - self.alpha), x)
-        torch.where(ok, moved, self._ema, out=self._ema)
-        self._started.logical_or_(ok)
-        e_grad_sq, e_trace = self._ema.unbind()
+    def _average(self, x: Tensor, ema: Tensor, started: Tensor) -> Tensor:
+        """Move ``ema`` (``[E_grad_sq, E_trace]``, each 0-d or ``[G]``) to ``x`` where both are finite.
+
+        Returns ``E_trace / E_grad_sq`` (NaN before a finite step); ``ema`` and
+        ``started`` are updated in place.
+        """
+        ok = torch.isfinite(x).all(0)
+        moved = torch.where(started, torch.lerp(ema, x, 1.0 - self.alpha), x)
+        torch.where(ok, moved, ema, out=ema)
+        started.logical_or_(ok)
+        e_grad_sq, e_trace = ema.unbind()
         return e_trace / e_grad_sq  # 0/0 = NaN until a finite step
 
     def _warn_once(self, n: int) -> None:
@@ -430,25 +555,37 @@ class NoiseScale(Contributor):
         warnings.warn(f"NoiseScale: its columns are NaN at steps with {why}", UserWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
-        """The moving averages (``E_grad_sq``, ``E_trace``, whether they started) and the warning flag."""
+        """The moving averages (``E_grad_sq``, ``E_trace``, whether they started; per group too), the warning flag."""
         assert self._ema is not None and self._started is not None
-        return {"ema": self._ema.clone(), "started": self._started.clone(), "warned": self._warned}
+        state = {"ema": self._ema.clone(), "started": self._started.clone(), "warned": self._warned}
+        if self.groups is not None:
+            state.update(groups=list(self.groups), group_ema=self._group_ema.clone())
+            state["group_started"] = self._group_started.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (called by ``GradWatch.load_state_dict``).
 
         Raises:
-            ValueError: ``state`` is not a NoiseScale state.
+            ValueError: ``state`` is not a NoiseScale state of the same groups, or this one is not bound.
         """
-        if not isinstance(state, dict) or set(state) != {"ema", "started", "warned"}:
-            raise ValueError("state must be a dict from NoiseScale.state_dict() (keys 'ema', 'started', 'warned')")
+        keys = {"ema", "started", "warned"} | (
+            set() if self.groups is None else {"groups", "group_ema", "group_started"}
+        )
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"state must be a dict from NoiseScale.state_dict() with keys {sorted(keys)}")
         ema = torch.as_tensor(state["ema"])
         if ema.shape != (2,):
             raise ValueError(f"state['ema'] must hold 2 numbers (E_grad_sq, E_trace), got shape {tuple(ema.shape)}")
         if self._ema is None or self._started is None:
             raise ValueError("NoiseScale.load_state_dict: bind it first (pass it to a GradWatch)")
+        if self.groups is not None and list(state["groups"]) != list(self.groups):
+            raise ValueError(f"state is of groups {list(state['groups'])}, this NoiseScale has {list(self.groups)}")
         self._ema.copy_(ema)
         self._started.copy_(torch.as_tensor(state["started"]))
+        if self.groups is not None:
+            self._group_ema.copy_(torch.as_tensor(state["group_ema"]))
+            self._group_started.copy_(torch.as_tensor(state["group_started"]))
         self._warned = bool(state["warned"])
 
     def close(self) -> None:
@@ -458,4 +595,5 @@ class NoiseScale(Contributor):
         self._handles, self._forward_handles, self._pending = [], [], {}
 
     def __repr__(self) -> str:
-        return f"NoiseScale(batch_size={self.batch_size}, alpha={self.alpha})"
+        groups = "" if self.groups is None else f", groups={self.groups}"
+        return f"NoiseScale(batch_size={self.batch_size}, alpha={self.alpha}{groups})"

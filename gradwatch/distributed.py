@@ -65,6 +65,7 @@ __all__ = [
     "local_tensor",
     "make_meter",
     "measure_mode",
+    "mesh_group",
     "needs_reduction",
     "rank_path",
     "row_norms",
@@ -216,8 +217,15 @@ def _norm_type(norm_type: float) -> float:
 # --------------------------------------------------------------------------- meshes and placements
 
 
-def _mesh_group(mesh: Any, dims: tuple[int, ...]) -> Any:
-    """The process group spanning the mesh dimensions ``dims`` (this rank's slice)."""
+def mesh_group(mesh: Any, dims: tuple[int, ...]) -> Any:
+    """The process group spanning the mesh dimensions ``dims`` (this rank's slice).
+
+    All of them: the world group when the mesh spans every rank, else the
+    mesh flattened; several named dimensions: those flattened.
+
+    Raises:
+        NotImplementedError: some but not all dimensions of a mesh without dimension names.
+    """
     if len(dims) == 1:
         return mesh.get_group(dims[0])
     if len(dims) == mesh.ndim:
@@ -289,7 +297,7 @@ def _resolve_partials(locs: list[Tensor | None], layouts: list[_Layout | None]) 
     out = list(locs)
     for (mesh, dims, op, _, _), idx in batches.items():
         flat = torch.cat([locs[i].reshape(-1) for i in idx])
-        group = _mesh_group(mesh, dims)
+        group = mesh_group(mesh, dims)
         dist.all_reduce(flat, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
         if op == "avg":
             flat.div_(math.prod(mesh.size(d) for d in dims))
@@ -396,7 +404,7 @@ class NormReducer:
                 contrib.append(all(lay.coordinate[d] == 0 for d in rep))
             idx = None if pos == list(range(P)) else torch.tensor(pos, device=device)
             mask = None if all(contrib) else torch.tensor(contrib, device=device)
-            group = _mesh_group(mesh, tuple(range(mesh.ndim)))
+            group = mesh_group(mesh, tuple(range(mesh.ndim)))
             plans.append(_MeshPlan(mesh, group, pos, idx, mask))
         self._plans[key] = (plans, layouts)
         return plans, layouts
@@ -648,7 +656,7 @@ def row_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, names: Seque
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
     for (mesh, dims, _), idx in batches.items():
         flat = torch.cat([sums[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat, op=op, group=_mesh_group(mesh, dims))
+        dist.all_reduce(flat, op=op, group=mesh_group(mesh, dims))
         for i, part in zip(idx, flat.split([sums[i].numel() for i in idx])):
             sums[i] = part.view(sums[i].shape)
     if inf:

@@ -26,7 +26,7 @@ from torch import Tensor
 from gradwatch._compat import FSDPParamRef, fsdp_param_refs, scale_of
 from gradwatch._validate import check_float, check_int, match_names
 from gradwatch.contrib import SCALAR, Binding, Contributor, StepView
-from gradwatch.distributed import _mesh_group, check_process_group, is_dtensor
+from gradwatch.distributed import check_process_group, is_dtensor, mesh_group
 from gradwatch.norms import accumulation_dtype, sparse_values
 
 __all__ = ["NoiseScale"]
@@ -408,7 +408,7 @@ class NoiseScale(Contributor):
             return 1
         pg = self.process_group
         if pg is None and self._mesh is not None:  # FSDP2 / HSDP: all of the parameters' mesh
-            self._dp_group = _mesh_group(self._mesh, tuple(range(self._mesh.ndim)))
+            self._dp_group = mesh_group(self._mesh, tuple(range(self._mesh.ndim)))
         else:  # a 1-D DeviceMesh, a ProcessGroup or None (the world)
             self._dp_group = pg.get_group() if hasattr(pg, "get_group") else pg
         return dist.get_world_size(self._dp_group)

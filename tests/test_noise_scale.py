@@ -76,12 +76,21 @@ def reference(per_step: list[list[np.ndarray]], bs: int, alpha: float) -> dict[s
     return {k: np.array(v) for k, v in cols.items()}
 
 
-def train(k: int, *, convention: str = "mean", scaler=None, steps: int = STEPS, every: int = 1, clipper=None):
+def train(
+    k: int,
+    *,
+    convention: str = "mean",
+    scaler=None,
+    steps: int = STEPS,
+    every: int = 1,
+    clipper=None,
+    groups: dict | None = None,
+):
     """``steps`` SGD steps with ``k`` accumulated micro-batches; the micro-batch gradients of each step."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    noise = gw.NoiseScale(batch_size=B_S, alpha=ALPHA)
+    noise = gw.NoiseScale(batch_size=B_S, alpha=ALPHA, groups=groups)
     watch = gw.GradWatch(model, stats=[noise], scaler=scaler, every=every, clipper=clipper)
     watch.attach(opt)
     per_step = []
@@ -196,17 +205,20 @@ def test_sum_convention_same_b_simple_grad_sq_in_step_gradient_units():
 def test_grad_scaler_on_cpu_is_unscaled(convention):
     k = 2
     scaler = torch.amp.GradScaler("cpu", init_scale=3000.0)  # not a power of two: the unscale is inexact
-    h, per_step, _ = train(k, convention=convention, scaler=scaler)
+    h, per_step, _ = train(k, convention=convention, scaler=scaler, groups=GROUPS)
     assert np.all(h.scale == 3000.0)
-    assert_matches(h.stats, reference(per_step, B_S, ALPHA), factor=1.0 if convention == "mean" else k**2)
+    factor = 1.0 if convention == "mean" else k**2
+    assert_matches(h.stats, reference(per_step, B_S, ALPHA), factor=factor)
+    assert_groups_match(h.stats, per_step, group_slices(Net()), B_S, factor)  # the groups' sums unscaled alike
 
 
 def test_one_backward_one_process_is_nan_with_one_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        h, _, _ = train(1, steps=3)
-    for key in ("grad_sq", "trace", "b_simple"):
-        assert np.isnan(h.stats[f"noise.{key}"]).all()
+        h, _, _ = train(1, steps=3, groups=GROUPS)
+    assert len(h.stats) == 12
+    for key in h.stats:  # overall and per group
+        assert np.isnan(h.stats[key]).all()
     ours = [w for w in caught if "NoiseScale" in str(w.message)]
     assert len(ours) == 1
     assert "no second batch size" in str(ours[0].message)
@@ -241,9 +253,10 @@ def test_non_finite_steps_are_left_out_of_the_averages():
 @pytest.mark.parametrize("clipper", [None, gw.ClipByGlobalNorm(1e9)])
 def test_every_second_step(clipper):
     """Unrecorded steps neither count nor leak into the next recorded step (also when a clipper runs every step)."""
-    h, per_step, _ = train(2, steps=5, every=2, clipper=clipper)
+    h, per_step, _ = train(2, steps=5, every=2, clipper=clipper, groups=GROUPS)
     assert h.steps.tolist() == [0, 2, 4]
     assert_matches(h.stats, reference(per_step[::2], B_S, ALPHA))
+    assert_groups_match(h.stats, per_step[::2], group_slices(Net()), B_S)
 
 
 def test_zero_host_syncs_and_hooks_removed_at_close():
@@ -264,11 +277,12 @@ def test_zero_host_syncs_and_hooks_removed_at_close():
 GROUPS = {"up": "up.*", "head": ["head.weight", "head.bias"], "weights": "*.weight"}
 
 
-def assert_groups_match(stats, per_step, slices: dict[str, np.ndarray], bs: int) -> None:
+def assert_groups_match(stats, per_step, slices: dict[str, np.ndarray], bs: int, factor: float = 1.0) -> None:
     """Each group's columns against the reference on the micro-batch gradients cut to the group's parameters."""
     for g, idx in slices.items():
         ref = reference([[gj[idx] for gj in gs] for gs in per_step], bs, ALPHA)
-        assert_matches({f"noise.{key}": stats[f"noise.{g}.{key}"] for key in ("grad_sq", "trace", "b_simple")}, ref)
+        cols = {f"noise.{key}": stats[f"noise.{g}.{key}"] for key in ("grad_sq", "trace", "b_simple")}
+        assert_matches(cols, ref, factor)
 
 
 def group_slices(model: nn.Module, groups: dict = GROUPS) -> dict[str, np.ndarray]:

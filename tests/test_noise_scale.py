@@ -259,10 +259,11 @@ def test_every_second_step(clipper):
     assert_groups_match(h.stats, per_step[::2], group_slices(Net()), B_S)
 
 
-def test_zero_host_syncs_and_hooks_removed_at_close():
+@pytest.mark.parametrize("groups", [None, {"up": "up.*", "head": "head.*"}])
+def test_zero_host_syncs_and_hooks_removed_at_close(groups):
     torch.manual_seed(0)
     model = Net()
-    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S)])
+    watch = gw.GradWatch(model, stats=[gw.NoiseScale(batch_size=B_S, groups=groups)])
     for step in range(3):
         with gw.count_host_syncs() as c:
             model.zero_grad()

@@ -114,7 +114,7 @@ def _sym_fraction(T: int) -> float:
 
 
 def _block_product(L: Tensor, R: Tensor, k: int, plus: float) -> Tensor:
-    """Per-example sums of ``(L L^T + plus) * (R R^T)`` over the ``k`` blocks below the diagonal at one level."""
+    """Per-example sums of ``(L L^T) * (R R^T + plus)`` over the ``k`` blocks below the diagonal at one level."""
     N, T = L.shape[:2]
     Lv, Rv = L.reshape(N * k, T // k, -1), R.reshape(N * k, T // k, -1)
     h = T // (2 * k)
